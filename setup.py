@@ -1,0 +1,27 @@
+"""Builds the C kernels on the user's machine. SIMD paths are chosen at build time from the CPU
+(-march=native by default; set DLLAMA_MARCH to e.g. "x86-64-v3" or "armv8.2-a+dotprod" to target another
+CPU, or to "none" for a portable scalar build). The scalar path is always compiled in as well."""
+
+import os
+import platform
+
+from setuptools import Extension, setup
+
+march = os.environ.get("DLLAMA_MARCH", "native")
+flags = ["-O3", "-std=c11", "-pthread", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+if march != "none":
+    # aarch64 gcc spells it -mcpu=native
+    flags.append(f"-mcpu={march}" if platform.machine() in ("aarch64", "arm64") and march == "native" else f"-march={march}")
+
+csrc = "src/dllama/engine/csrc"
+setup(
+    ext_modules=[
+        Extension(
+            "dllama.engine._kernels",
+            sources=[f"{csrc}/{f}" for f in ("module.c", "kernels.c", "ops.c", "pool.c")],
+            depends=[f"{csrc}/common.h"],
+            extra_compile_args=flags,
+            extra_link_args=["-pthread"],
+        )
+    ]
+)

@@ -1,0 +1,3 @@
+from dllama.cli.main import main
+
+raise SystemExit(main())

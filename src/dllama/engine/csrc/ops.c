@@ -1,0 +1,144 @@
+/* Parallel ops: every op splits its output rows (or attention heads) across the pool's threads, so the
+ * threads stream disjoint weight rows and never write the same output. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "common.h"
+
+void act_prepare(act *a, const float *x, int T, int cols, block_q8_0 *qbuf, float *sbuf, int need_quant) {
+    const int nb = cols / QK;
+    a->T = T;
+    a->cols = cols;
+    a->xf = x;
+    a->xq = qbuf;
+    a->xs = sbuf;
+    if (need_quant) {
+        for (int t = 0; t < T; t++) quantize_row_q80(x + (size_t)t * cols, qbuf + (size_t)t * nb, sbuf + (size_t)t * nb, cols);
+    }
+}
+
+/* rows per chunk: ~8 chunks per thread for balance, whole groups of 4 rows */
+static int chunk_rows(const pool *p, int total) {
+    const int nth = pool_size(p);
+    if (nth == 1) return total > 0 ? total : 1;
+    int ch = (total + nth * 8 - 1) / (nth * 8);
+    ch = (ch + 3) & ~3;
+    return ch < 4 ? 4 : ch;
+}
+
+static inline void dot_rows(const act *a, const tensor *w, int r0, int r1, float *y, int ldy) {
+    const int nb = a->cols / QK;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w->data + (size_t)r * w->stride;
+        for (int t = 0; t < a->T; t++) {
+            y[(size_t)t * ldy + r] = vec_dot(w->type, row, a->xq + (size_t)t * nb, a->xs + (size_t)t * nb,
+                                              a->xf + (size_t)t * a->cols, a->cols);
+        }
+    }
+}
+
+typedef struct {
+    const act *a;
+    int njobs;
+    const tensor *w;
+    float *const *y;
+    const int *ldy;
+    int total, ch;
+} mm_args;
+
+static void mm_task(void *varg, int chunk, int ith) {
+    const mm_args *m = (const mm_args *)varg;
+    (void)ith;
+    const int start = chunk * m->ch;
+    const int end = start + m->ch < m->total ? start + m->ch : m->total;
+    int base = 0;
+    for (int j = 0; j < m->njobs && start < end; j++) {
+        const int rows = m->w[j].rows;
+        const int lo = start > base ? start - base : 0;
+        const int hi = end - base < rows ? end - base : rows;
+        if (lo < hi) dot_rows(m->a, &m->w[j], lo, hi, m->y[j], m->ldy[j]);
+        base += rows;
+    }
+}
+
+void matmul(pool *p, const act *a, int njobs, const tensor *w, float *const *y, const int *ldy) {
+    mm_args m = {a, njobs, w, y, ldy, 0, 0};
+    for (int j = 0; j < njobs; j++) m.total += w[j].rows;
+    m.ch = chunk_rows(p, m.total);
+    pool_run(p, mm_task, &m, (m.total + m.ch - 1) / m.ch);
+}
+
+typedef struct {
+    const act *a;
+    const tensor *wg, *wu;
+    float *g;
+    int ldh, ch;
+} swiglu_args;
+
+static void swiglu_task(void *varg, int chunk, int ith) {
+    const swiglu_args *m = (const swiglu_args *)varg;
+    const act *a = m->a;
+    const int nb = a->cols / QK;
+    (void)ith;
+    const int start = chunk * m->ch;
+    const int end = start + m->ch < m->wg->rows ? start + m->ch : m->wg->rows;
+    for (int r = start; r < end; r++) {
+        const uint8_t *rg = m->wg->data + (size_t)r * m->wg->stride;
+        const uint8_t *ru = m->wu->data + (size_t)r * m->wu->stride;
+        for (int t = 0; t < a->T; t++) {
+            const block_q8_0 *xq = a->xq + (size_t)t * nb;
+            const float *xs = a->xs + (size_t)t * nb;
+            const float *xf = a->xf + (size_t)t * a->cols;
+            const float g = vec_dot(m->wg->type, rg, xq, xs, xf, a->cols);
+            const float u = vec_dot(m->wu->type, ru, xq, xs, xf, a->cols);
+            m->g[(size_t)t * m->ldh + r] = g / (1.0f + expf(-g)) * u;
+        }
+    }
+}
+
+void matmul_swiglu(pool *p, const act *a, const tensor *wg, const tensor *wu, float *g, int ldh) {
+    swiglu_args m = {a, wg, wu, g, ldh, chunk_rows(p, wg->rows)};
+    pool_run(p, swiglu_task, &m, (wg->rows + m.ch - 1) / m.ch);
+}
+
+typedef struct {
+    const float *q, *kc, *vc;
+    float *out, *scratch;
+    int T, pos, nh, nkv, hd, max_seq;
+} attn_args;
+
+/* one chunk = one (query row, head) pair; later rows of a prompt batch see longer contexts, so dynamic
+ * claiming balances them */
+static void attn_task(void *varg, int i, int ith) {
+    const attn_args *m = (const attn_args *)varg;
+    const int group = m->nh / m->nkv;
+    const float scale = 1.0f / sqrtf((float)m->hd);
+    float *sc = m->scratch + (size_t)ith * m->max_seq; /* [max_seq] scores of this thread */
+    {
+        const int t = i / m->nh, h = i % m->nh, kvh = h / group;
+        const float *qv = m->q + ((size_t)t * m->nh + h) * m->hd;
+        const float *kb = m->kc + (size_t)kvh * m->max_seq * m->hd;
+        const float *vb = m->vc + (size_t)kvh * m->max_seq * m->hd;
+        const int len = m->pos + t + 1;
+        float mx = -INFINITY;
+        for (int s = 0; s < len; s++) {
+            sc[s] = dot_f32(qv, kb + (size_t)s * m->hd, m->hd) * scale;
+            mx = sc[s] > mx ? sc[s] : mx;
+        }
+        float sum = 0.0f;
+        for (int s = 0; s < len; s++) {
+            sc[s] = expf(sc[s] - mx);
+            sum += sc[s];
+        }
+        const float inv = 1.0f / sum;
+        float *o = m->out + ((size_t)t * m->nh + h) * m->hd;
+        memset(o, 0, sizeof(float) * (size_t)m->hd);
+        for (int s = 0; s < len; s++) axpy_f32(o, sc[s] * inv, vb + (size_t)s * m->hd, m->hd);
+    }
+}
+
+void attention(pool *p, const float *q, const float *kc, const float *vc, float *out, float *scratch, int T, int pos,
+               int n_heads, int n_kv_heads, int head_dim, int max_seq) {
+    attn_args m = {q, kc, vc, out, scratch, T, pos, n_heads, n_kv_heads, head_dim, max_seq};
+    pool_run(p, attn_task, &m, T * n_heads);
+}

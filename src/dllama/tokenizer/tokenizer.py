@@ -1,0 +1,269 @@
+"""Tokenizer rebuilt from a GGUF file's metadata.
+
+A GGUF carries no `tokenizer.json`, only llama.cpp's vocabulary keys. transformers knows how to turn
+those into a fast `tokenizers.Tokenizer` (and its `AutoTokenizer(gguf_file=...)` is our reference), but
+importing transformers and converting costs seconds, so the converted tokenizer and the few facts we
+need are cached as one JSON file; a cache hit only touches `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _Backend
+
+__all__ = ["Tokenizer", "StreamDecoder", "cache_path"]
+
+_FORMAT_VERSION = 1  # bump whenever the conversion or the cached facts change
+_CONTROL = 3  # llama.cpp token_type for control tokens
+_STOP_NAMES = frozenset(
+    {"<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>", "<|eom_id|>"}
+)
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE spells every byte as a printable character."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def cache_path(path: str | os.PathLike) -> Path:
+    """Where the converted tokenizer of the GGUF at `path` is cached (the file may not exist yet)."""
+    st = os.stat(path)
+    key = f"{st.st_size}:{st.st_mtime_ns}:{os.path.abspath(path)}:{_FORMAT_VERSION}"
+    root = os.environ.get("DLLAMA_CACHE_DIR") or Path.home() / ".cache" / "dllama"
+    return Path(root) / "tokenizers" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _read_facts(reader: Any) -> dict:
+    """The special-token facts the engine needs, straight from the GGUF metadata."""
+
+    def get(key, default=None):
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    model, tokens = get("tokenizer.ggml.model"), get("tokenizer.ggml.tokens")
+    if model is None or not tokens:
+        raise ValueError("GGUF file has no tokenizer metadata (tokenizer.ggml.model / tokens)")
+    types = get("tokenizer.ggml.token_type") or []
+    n = len(tokens)
+
+    def token_id(key):
+        v = get(f"tokenizer.ggml.{key}")
+        return int(v) if v is not None and 0 <= int(v) < n else None
+
+    bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
+    stops = {i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
+    stops.update(i for i, t in enumerate(tokens) if t in _STOP_NAMES)
+    add_bos = get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:  # llama.cpp adds BOS to a sentencepiece vocab that does not say otherwise
+        add_bos = model == "llama"
+    if model == "gemma4":  # mirror transformers: its chat template writes <bos> itself
+        add_bos = False
+    return {
+        "model": model,
+        "vocab_size": n,
+        "bos_id": bos,
+        "eos_id": eos,
+        "bos_token": tokens[bos] if bos is not None else None,
+        "eos_token": tokens[eos] if eos is not None else None,
+        "add_bos": bool(add_bos),
+        "stop_ids": sorted(stops),
+        "special_ids": [i for i, t in enumerate(types) if t == _CONTROL],
+        "chat_template": get("tokenizer.chat_template"),
+    }
+
+
+def _convert(path: str, vocab_size: int) -> str:
+    """`tokenizer.json` text of the fast tokenizer transformers builds for this GGUF."""
+    try:
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:  # older transformers layout: go through the public (slower) entry point
+        from transformers import AutoTokenizer
+
+        p = Path(path)
+        backend = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).backend_tokenizer
+    else:
+        # The same two calls AutoTokenizer(gguf_file=...) makes, without building a model config (which
+        # fails for architectures transformers cannot load) and about 10x faster.
+        architecture, tok_dict, tok_config = get_gguf_tokenizer(path)
+        backend, _ = convert_gguf_tokenizer(architecture, tok_dict)
+        # AutoTokenizer then registers the file's bos/eos/unk/pad as special added tokens even when the
+        # file does not mark them as control; do the same so such a token written in text stays whole.
+        have = {t.content for t in backend.get_added_tokens_decoder().values()}
+        extra = []
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            token = tok_config.get(name)
+            if token and token not in have:
+                have.add(token)
+                extra.append(AddedToken(token, normalized=False, special=True))
+        if extra:
+            backend.add_special_tokens(extra)
+    # transformers' tokenizer classes register their default specials ("<s>", "<|endoftext|>", ...) even
+    # when the file's vocab lacks them, giving ids past the embedding table; such text must stay text.
+    data = json.loads(backend.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab_size]
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Several processes (workers on one host) may convert the same file at once: never expose a partial file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class Tokenizer:
+    """Encode/decode for a GGUF model, matching transformers' `AutoTokenizer(gguf_file=...)` ids."""
+
+    def __init__(self, backend: _Backend, facts: dict):
+        self._backend = backend
+        self._model: str = facts["model"]
+        self.vocab_size: int = facts["vocab_size"]
+        self.bos_id: int | None = facts["bos_id"]
+        self.eos_id: int | None = facts["eos_id"]
+        self.bos_token: str | None = facts["bos_token"]
+        self.eos_token: str | None = facts["eos_token"]
+        self.add_bos: bool = facts["add_bos"]
+        self.stop_ids: frozenset[int] = frozenset(facts["stop_ids"])
+        self.special_ids: frozenset[int] = frozenset(facts["special_ids"])
+        self.chat_template: str | None = facts["chat_template"]
+        self._added_ids: frozenset[int] | None = None
+        self._byte_dec: dict[str, int] | None = None
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, *, reader: Any = None) -> Tokenizer:
+        """Load from a GGUF file; `reader` may be an already-open `gguf.GGUFReader` of it (saves ~2 s cold)."""
+        path = os.fspath(path)
+        cache = cache_path(path)
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            if data["version"] == _FORMAT_VERSION:
+                return cls(_Backend.from_str(data["tokenizer"]), data["facts"])
+        except Exception:  # missing or unreadable cache entry: rebuild it
+            pass
+        if reader is None:
+            import gguf
+
+            reader = gguf.GGUFReader(path)
+        facts = _read_facts(reader)
+        tokenizer_json = _convert(path, facts["vocab_size"])
+        try:
+            _write_atomic(
+                cache, json.dumps({"version": _FORMAT_VERSION, "facts": facts, "tokenizer": tokenizer_json})
+            )
+        except OSError:  # a read-only cache only costs speed
+            pass
+        return cls(_Backend.from_str(tokenizer_json), facts)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special tokens written in it are parsed. BOS is added once if asked."""
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if add_bos is None:
+            add_bos = self.add_bos
+        if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._backend.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token contributes to the output (may be part of a UTF-8 character)."""
+        tok = self._backend.id_to_token(token_id)
+        if tok is None:
+            raise ValueError(f"token id {token_id} out of range")
+        if self._added_ids is None:
+            self._added_ids = frozenset(self._backend.get_added_tokens_decoder())
+        if token_id in self._added_ids:  # special/user tokens are stored as plain text
+            return tok.encode()
+        if self._model == "gpt2":
+            if self._byte_dec is None:
+                self._byte_dec = _byte_decoder()
+            return bytes(self._byte_dec[c] for c in tok)
+        m = _BYTE_TOKEN.fullmatch(tok)
+        return bytes([int(m.group(1), 16)]) if m else tok.replace("\u2581", " ").encode()
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
+        from .chat_template import render_chat
+
+        return render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **extra,
+        )
+
+
+class StreamDecoder:
+    """Incremental detokenizer: `push(id)` returns only newly completed text.
+
+    Decodes a short window of recent ids rather than the whole history. The window starts at the
+    tokens emitted in the previous step so that context-dependent decoders (sentencepiece's leading-space
+    strip, byte fallback) see the same neighbours as a full decode. Text ending in U+FFFD is an
+    incomplete UTF-8 character and is held back until more bytes arrive (or `flush`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
+        self._backend = tokenizer._backend
+        self._skip = skip_special
+        self._ids: list[int] = []  # ids[:read] were emitted in the previous step: context only
+        self._read = 0
+
+    def _pending(self) -> tuple[str, str]:
+        """(decoded context, decoded context + pending ids)."""
+        context = self._backend.decode(self._ids[: self._read], skip_special_tokens=self._skip)
+        return context, self._backend.decode(self._ids, skip_special_tokens=self._skip)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        before, text = self._pending()
+        # No growth means the token decoded to nothing (e.g. a skipped special): keep the old context,
+        # otherwise a following sentencepiece "▁word" would lose its space to the decoder's strip.
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self._ids = self._ids[self._read :]  # what was just emitted becomes the next context
+        self._read = len(self._ids)
+        return text[len(before) :]
+
+    def flush(self) -> str:
+        """Emit whatever is held back (possibly with U+FFFD) and start over."""
+        before, text = self._pending()
+        self._ids, self._read = [], 0
+        return text[len(before) :] if len(text) > len(before) else ""
