@@ -11,12 +11,17 @@ from dllama.errors import DllamaError
 COMMANDS = ("inference", "convert", "worker", "chat", "api")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported on one line (no usage dump) and exits with 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dllama", description="Run an LLM on one or several computers at once."
-    )
+    parser = Parser(prog="dllama", description="Run an LLM on one or several computers at once.")
     parser.add_argument("--version", action="version", version=f"dllama {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     import importlib
 

@@ -71,8 +71,7 @@ def convert(src: str, dst: str, target: str) -> dict:
         # matrices take the target type; vectors (norms, rope factors) stay F32
         out_type = dtype if len(shape) == 2 and shape[-1] % 32 == 0 else QT.F32
         plans.append((t, shape, src_type, out_type))
-        writer.add_tensor_info(t.name, shape, np.dtype(np.float32) if out_type == QT.F32 else np.dtype(np.uint8),
-                               _nbytes(shape, out_type), raw_dtype=out_type)  # fmt: skip
+        writer.add_tensor_info(t.name, *_info(shape, out_type), raw_dtype=out_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -84,9 +83,14 @@ def convert(src: str, dst: str, target: str) -> dict:
     return {"tensors": len(plans), "bytes": os.path.getsize(dst)}
 
 
-def _nbytes(shape: tuple[int, ...], qtype: QT) -> int:
+def _info(shape: tuple[int, ...], qtype: QT) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape as GGUFWriter wants it, dtype, nbytes): quantized tensors are described by their byte shape."""
     from gguf.constants import GGML_QUANT_SIZES
 
     block, size = GGML_QUANT_SIZES[qtype]
-    n = int(np.prod(shape))
-    return n // block * size
+    nbytes = int(np.prod(shape)) // block * size
+    if qtype == QT.F32:
+        return shape, np.dtype(np.float32), nbytes
+    if qtype == QT.F16:
+        return shape, np.dtype(np.float16), nbytes
+    return (*shape[:-1], shape[-1] // block * size), np.dtype(np.uint8), nbytes

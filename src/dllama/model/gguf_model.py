@@ -19,7 +19,7 @@ from gguf.quants import dequantize
 
 from dllama.engine import _kernels
 from dllama.errors import DllamaError
-from dllama.model.config import ModelConfig, config_from_metadata
+from dllama.model.config import SUPPORTED_ARCHS, ModelConfig, config_from_metadata
 
 NATIVE_TYPES = {QT.F32, QT.F16, QT.Q4_0, QT.Q4_1, QT.Q8_0}
 _BLOCK = {QT.Q4_0: (32, 18), QT.Q4_1: (32, 20), QT.Q8_0: (32, 34), QT.F16: (1, 2), QT.F32: (1, 4)}
@@ -136,6 +136,9 @@ class GGUFModel:
             raise DllamaError(f"cannot read GGUF file {path} (truncated or corrupt?): {e}") from None
         self.file_size = os.path.getsize(path)
         self.metadata = _read_metadata(self.reader)
+        arch = self.metadata.get("general.architecture")
+        if arch not in SUPPORTED_ARCHS:
+            raise DllamaError(f"unsupported model architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})")
         self.tensors: dict[str, TensorView] = {}
         converted: Counter = Counter()
         for t in self.reader.tensors:
@@ -175,9 +178,6 @@ class GGUFModel:
     def _config(self) -> ModelConfig:
         emb = self.tensors.get("token_embd.weight")
         if emb is None:
-            arch = self.metadata.get("general.architecture")
-            if arch != "llama":
-                config_from_metadata(self.metadata, 0, True)  # raises the clearer "unsupported architecture"
             raise DllamaError("model has no token_embd.weight tensor")
         tied = "output.weight" not in self.tensors
         ff = self.tensors.get("rope_freqs.weight")
