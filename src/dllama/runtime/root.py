@@ -58,10 +58,25 @@ class Root:
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.cluster = None
+        self._cluster_args = (workers, buffer_type, secret)
         if workers:
-            from dllama.runtime.cluster import ClusterLinks
+            self.reconnect()
 
-            self.cluster = ClusterLinks.connect(self, workers, buffer_type=buffer_type, secret=secret)
+    @property
+    def available(self) -> bool:
+        """False after a worker failed, until `reconnect()` succeeds."""
+        return self.cluster is None or not self.cluster.broken
+
+    def reconnect(self) -> None:
+        """(Re)connects the workers and ships their slices again. Callers must forget their cached tokens:
+        the KV caches start empty."""
+        from dllama.runtime.cluster import ClusterLinks
+
+        workers, buffer_type, secret = self._cluster_args
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+        self.cluster = ClusterLinks.connect(self, workers, buffer_type=buffer_type, secret=secret)
 
     @property
     def n_nodes(self) -> int:
