@@ -1,0 +1,173 @@
+"""One model, one Session, one generation thread.
+
+The KV cache holds one conversation at a time, so requests queue here and run one after another (FIFO);
+a follow-up request that extends the previous conversation only computes its new tokens (Session.prefill
+reuses the common prefix). Generation runs in a plain thread — the C kernels release the GIL — and hands
+its events to the asyncio side through the request's own asyncio.Queue."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+from dllama.runtime.session import Session
+from dllama.runtime.stats import Stats
+from dllama.sampling.sampler import Sampler
+
+
+class StopFilter:
+    """Cuts generated text at the first stop string. Text that could be the beginning of a stop string is
+    held back until it is known not to be one, so a stop string is never emitted, not even in part."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit). After a hit the rest is discarded."""
+        self.buf += text
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf = self.buf[: min(hits)], ""
+            return out, True
+        # the longest tail of buf that is a proper prefix of some stop string must wait for more text
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), keep, -1):
+                if self.buf.endswith(s[:k]):
+                    keep = k
+                    break
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens served from the KV cache (prefix reuse)
+
+
+class JobError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Job:
+    """One generation request. The worker thread puts events on `events` (an asyncio.Queue of the loop
+    that submitted it): ("start", None) once the prompt is in the cache, ("text", str) deltas, then
+    ("done", (finish_reason, Usage)) or ("error", JobError)."""
+
+    ids: list[int]
+    sampler: Sampler
+    max_tokens: int
+    stops: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, kind: str, value=None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            self.cancelled.set()
+
+
+class Engine:
+    def __init__(self, session: Session, log=None):
+        self.session = session
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="dllama-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, ids: list[int], sampler: Sampler, max_tokens: int, stops: list[str]) -> Job:
+        job = Job(ids, sampler, max_tokens, stops, asyncio.get_running_loop())
+        self._jobs.put(job)
+        return job
+
+    @property
+    def queued(self) -> int:
+        return self._jobs.qsize()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled.is_set():  # its client left while it was queued
+                continue
+            try:
+                self._ensure_cluster()
+                self._generate(job)
+            except JobError as e:
+                job.put("error", e)
+            except Exception as e:  # a failed forward (e.g. a worker died): answer, keep serving
+                self.session.reset()  # the cache may hold a half-written position
+                if self.session.root.available:
+                    self.log("".join(traceback.format_exception(e)).rstrip())
+                    job.put("error", JobError(500, f"generation failed: {e}"))
+                else:
+                    self.log(f"cluster unavailable: {e}")
+                    job.put("error", JobError(503, f"cluster unavailable: {e}"))
+
+    def _ensure_cluster(self) -> None:
+        root = self.session.root
+        if root.available:
+            return
+        self.session.reset()  # the workers' caches are gone either way
+        try:
+            root.reconnect()
+        except Exception as e:
+            raise JobError(503, f"cluster unavailable (reconnecting failed: {e})") from None
+        self.log("reconnected to the workers")
+
+    def _generate(self, job: Job) -> None:
+        s = self.session
+        tok = s.tokenizer
+        s.stats.clear()
+        dec = tok.stream_decoder()
+        stops = StopFilter(job.stops)
+        n, hit, started = 0, False, False
+        gen = s.generate(job.ids, job.sampler, job.max_tokens, tok.stop_ids, should_stop=job.cancelled.is_set)
+        try:
+            for t in gen:
+                if not started:
+                    job.put("start")
+                    started = True
+                n += 1
+                text, hit = stops.push(dec.push(t))
+                if text:
+                    job.put("text", text)
+                if hit:
+                    break
+        finally:
+            gen.close()  # a stop string hit: the last token stays out of the cache, like a stop token
+        if not started:
+            job.put("start")
+        if not hit:
+            text, hit = stops.push(dec.flush())
+            text += "" if hit else stops.flush()
+            if text:
+                job.put("text", text)
+        finish = "stop" if hit or s.finish_reason == "stop" else "length"
+        if s.finish_reason == "cancelled" or job.cancelled.is_set():
+            finish = "cancelled"
+        usage = Usage(len(job.ids), n, s.reused)
+        job.put("done", (finish, usage))
+        gen_s = sum(st.total_s for st in s.stats.gen)
+        self.log(
+            f"{usage.prompt_tokens} prompt tokens ({usage.cached_tokens} reused), {n} generated"
+            f"{f' at {Stats.tokens_per_s(s.stats.gen):.1f} tokens/s' if gen_s else ''}; {finish}"
+        )

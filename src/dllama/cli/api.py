@@ -1,0 +1,74 @@
+"""`dllama api`: the OpenAI-compatible HTTP server (and the web chat page at /)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+from dllama.cli import options
+from dllama.cli.launch import close_session, log, open_session
+from dllama.errors import DllamaError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("api", help="serve an OpenAI-compatible API and a web chat page")
+    options.add_model_args(p)
+    options.add_cluster_args(p)
+    options.add_sampling_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    p.add_argument("--port", type=int, default=9990, help="port to listen on (0 = any free port)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $DLLAMA_API_KEY, or none)")
+    p.add_argument(
+        "--max-tokens",
+        type=options.positive_int,
+        help="default answer length limit when a request sets none (default: until the context is full)",
+    )
+    p.set_defaults(run=run)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as e:
+        raise DllamaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from dllama.api.server import Defaults, create_app
+
+    if not 0 <= args.port <= 65535:
+        raise DllamaError("--port must be 0..65535")
+    api_key = args.api_key or os.environ.get("DLLAMA_API_KEY") or None
+    # Bind before loading the model: a busy port should fail at once, not after a long load.
+    sock = _listen(args.host, args.port)
+    try:
+        session = open_session(args)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        model_id = os.path.basename(session.root.model.path).removesuffix(".gguf")
+        defaults = Defaults(args.temperature, args.topp, args.seed, args.max_tokens)
+        app = create_app(session, model_id=model_id, api_key=api_key, defaults=defaults, log=log)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        if not api_key and not _is_loopback(args.host):
+            log(f"WARNING: serving on {args.host} without --api-key: anyone who can reach it can use the model")
+        log(f"dllama api: serving {model_id} at {url} (OpenAI API under {url}v1)")
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        close_session(session)
+    return 0
