@@ -235,7 +235,9 @@ def create_app(session: Session, *, model_id: str, api_key: str | None = None, d
             raise ClientGone
         kind, value = get.result()
         if kind == "error":
-            raise ApiError(value.status, str(value), code="cluster_unavailable" if value.status == 503 else None)
+            raise ApiError(
+                value.status, str(value), code="cluster_unavailable" if value.status == 503 else None
+            )
         return kind, value
 
     async def run(request: Request, body: dict, ids: list[int], max_tokens: int, chunk, final):
@@ -418,7 +420,9 @@ def _prompt_ids(body: dict, session: Session) -> list[int]:
     if isinstance(p, str):
         return session.tokenizer.encode(p)
     vocab = session.tokenizer.vocab_size
-    if isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p):
+    if isinstance(p, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p
+    ):
         return list(p)  # token ids
     raise _bad("prompt", f"a string or an array of token ids (0..{vocab - 1}); batches are not supported")
 

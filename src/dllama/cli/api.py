@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
+import sys
 
 from dllama.cli import options
 from dllama.cli.launch import close_session, log, open_session
@@ -18,7 +20,9 @@ def register(sub) -> None:
     options.add_sampling_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=9990, help="port to listen on (0 = any free port)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $DLLAMA_API_KEY, or none)")
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (default: $DLLAMA_API_KEY, or none)"
+    )
     p.add_argument(
         "--max-tokens",
         type=options.positive_int,
@@ -64,10 +68,19 @@ def run(args) -> int:
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
         if not api_key and not _is_loopback(args.host):
-            log(f"WARNING: serving on {args.host} without --api-key: anyone who can reach it can use the model")
+            log(
+                f"WARNING: serving on {args.host} without --api-key: anyone who can reach it can use the model"
+            )
         log(f"dllama api: serving {model_id} at {url} (OpenAI API under {url}v1)")
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
-        uvicorn.Server(config).run(sockets=[sock])
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: make SIGTERM an
+        # exception too, so that `finally` still stops the local workers.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+        log("dllama api: stopped")
     finally:
         sock.close()
         close_session(session)

@@ -28,7 +28,9 @@ def register(sub) -> None:
     options.add_sampling_args(p)
     p.add_argument("--system", help="system prompt (default: the chat template's own, if any)")
     p.add_argument(
-        "--max-tokens", type=options.positive_int, help="answer length limit (default: until the context is full)"
+        "--max-tokens",
+        type=options.positive_int,
+        help="answer length limit (default: until the context is full)",
     )
     p.set_defaults(run=run)
 

@@ -138,7 +138,9 @@ class GGUFModel:
         self.metadata = _read_metadata(self.reader)
         arch = self.metadata.get("general.architecture")
         if arch not in SUPPORTED_ARCHS:
-            raise DllamaError(f"unsupported model architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})")
+            raise DllamaError(
+                f"unsupported model architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
+            )
         self.tensors: dict[str, TensorView] = {}
         converted: Counter = Counter()
         for t in self.reader.tensors:

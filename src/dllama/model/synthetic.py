@@ -22,16 +22,29 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 SHAPES: dict[str, dict] = {
-    "1b": dict(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=49152,
-               rope_base=500000.0),
-    "tiny-8kv": dict(dim=256, hidden_dim=768, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=32, vocab_size=1024),
+    "1b": dict(
+        dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=49152, rope_base=500000.0
+    ),
+    "tiny-8kv": dict(
+        dim=256, hidden_dim=768, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=32, vocab_size=1024
+    ),
     "tiny": dict(dim=128, hidden_dim=384, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512),
 }
 
-WEIGHT_TYPES: dict[str, QT] = {"q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q8_0": QT.Q8_0, "f16": QT.F16, "f32": QT.F32}
-_FILE_TYPES = {QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-               QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, QT.F16: gguf.LlamaFileType.MOSTLY_F16,
-               QT.F32: gguf.LlamaFileType.ALL_F32}
+WEIGHT_TYPES: dict[str, QT] = {
+    "q4_0": QT.Q4_0,
+    "q4_1": QT.Q4_1,
+    "q8_0": QT.Q8_0,
+    "f16": QT.F16,
+    "f32": QT.F32,
+}
+_FILE_TYPES = {
+    QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    QT.F16: gguf.LlamaFileType.MOSTLY_F16,
+    QT.F32: gguf.LlamaFileType.ALL_F32,
+}
 
 QK = 32  # block size of Q4_0 / Q4_1 / Q8_0
 BOS_ID, EOS_ID = 256, 257
@@ -135,7 +148,11 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode character mapping."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -232,8 +249,9 @@ def _fill_task(out: np.ndarray, seed: int, name: str, task: int, table: np.ndarr
         out[s : s + nb] = _quantize_t(zt, qtype)
 
 
-def _generate(pool: ThreadPoolExecutor, seed: int, name: str, rows: int, cols: int, std: float | None,
-              qtype: QT) -> tuple[np.ndarray, list[Future]]:
+def _generate(
+    pool: ThreadPoolExecutor, seed: int, name: str, rows: int, cols: int, std: float | None, qtype: QT
+) -> tuple[np.ndarray, list[Future]]:
     """Start generating one tensor; returns its buffer (filled once the futures are done)."""
     if std is None:  # norm weight: ~1 + small noise, always F32
         return 1 + _normal(_rng(seed, name, 0), (cols,), _normal_table() * np.float32(0.05)), []
@@ -247,8 +265,10 @@ def _generate(pool: ThreadPoolExecutor, seed: int, name: str, rows: int, cols: i
         buf = np.empty((rows, cols // block * type_size), np.uint8)
         flat, per_task = buf.reshape(-1, type_size), _TASK_ELEMS // block
         n //= block
-    futs = [pool.submit(_fill_task, flat[t * per_task : (t + 1) * per_task], seed, name, t, table, qtype)
-            for t in range((n + per_task - 1) // per_task)]
+    futs = [
+        pool.submit(_fill_task, flat[t * per_task : (t + 1) * per_task], seed, name, t, table, qtype)
+        for t in range((n + per_task - 1) // per_task)
+    ]
     return buf, futs
 
 
@@ -260,11 +280,26 @@ def _check_dims(qtype: QT, plan) -> None:
         raise ValueError(f"{qtype.name} needs input dims that are multiples of {QK}, got {bad}")
 
 
-def write_synthetic_gguf(path, *, dim: int, hidden_dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
-                         vocab_size: int, head_dim: int | None = None, context_length: int = 2048,
-                         rope_base: float = 10000.0, norm_eps: float = 1e-5, tied: bool = False,
-                         weight_type: str = "q4_0", seed: int = 0, name: str = "synthetic",
-                         threads: int | None = None, progress: bool = False) -> str:
+def write_synthetic_gguf(
+    path,
+    *,
+    dim: int,
+    hidden_dim: int,
+    n_layers: int,
+    n_heads: int,
+    n_kv_heads: int,
+    vocab_size: int,
+    head_dim: int | None = None,
+    context_length: int = 2048,
+    rope_base: float = 10000.0,
+    norm_eps: float = 1e-5,
+    tied: bool = False,
+    weight_type: str = "q4_0",
+    seed: int = 0,
+    name: str = "synthetic",
+    threads: int | None = None,
+    progress: bool = False,
+) -> str:
     """Write a random llama GGUF with a byte-level "gpt2" tokenizer; returns the path as a string.
 
     Same arguments (whatever `threads`) give byte-identical files. The file appears atomically.
@@ -351,8 +386,9 @@ def _finish(w: gguf.GGUFWriter, tname: str, buf: np.ndarray, futs: list[Future],
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m dllama.model.synthetic",
-                                 description="Write a random-weight llama GGUF model.")
+    ap = argparse.ArgumentParser(
+        prog="python -m dllama.model.synthetic", description="Write a random-weight llama GGUF model."
+    )
     ap.add_argument("out")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--weight-type", choices=sorted(WEIGHT_TYPES), default="q4_0")
@@ -362,11 +398,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="default: all available cores")
     a = ap.parse_args(argv)
     t = time.perf_counter()
-    out = write_synthetic_gguf(a.out, **SHAPES[a.shape], weight_type=a.weight_type, seed=a.seed, tied=a.tied,
-                               context_length=a.context_length, threads=a.threads, name=f"synthetic-{a.shape}",
-                               progress=True)
-    print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s",
-          file=sys.stderr)
+    out = write_synthetic_gguf(
+        a.out,
+        **SHAPES[a.shape],
+        weight_type=a.weight_type,
+        seed=a.seed,
+        tied=a.tied,
+        context_length=a.context_length,
+        threads=a.threads,
+        name=f"synthetic-{a.shape}",
+        progress=True,
+    )
+    print(
+        f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -194,14 +194,19 @@ def server_read_hello(sock: socket.socket) -> tuple[int, bytes, bytes, int]:
 
 
 def server_authenticate(
-    sock: socket.socket, key: bytes, role: int, client_nonce: bytes, model_hash: bytes
+    sock: socket.socket, key: bytes, role: int, client_nonce: bytes, model_hash: bytes, refuse=None
 ) -> None:
+    """Verifies the client's proof. `refuse()` may then return a reason (e.g. busy) sent instead of AUTH_OK."""
     nonce = os.urandom(16)
     send(sock, CHALLENGE, CHALLENGE_S.pack(VERSION, nonce, model_hash))
     _, proof = recv(sock, (AUTH,), 32)
     if not hmac.compare_digest(proof, _mac(key, b"dllama-client", nonce, client_nonce, role)):
         send_error(sock, "authentication failed (wrong cluster secret)")
         raise ProtocolError("authentication failed (wrong cluster secret)")
+    reason = refuse() if refuse else None
+    if reason:
+        send_error(sock, reason)
+        raise RemoteError(reason)
     send(sock, AUTH_OK, _mac(key, b"dllama-server", client_nonce, nonce, role))
 
 

@@ -47,6 +47,8 @@ def _int(obj: dict, key: str, lo: int, hi: int) -> int:
 
 def decode_setup(obj: dict) -> dict:
     """Validated setup: {'plan', 'share', 'index', 'max_seq', 'max_batch', 'buffer_type', 'peers', ...}."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("SETUP: not a JSON object")
     c = obj.get("config")
     if not isinstance(c, dict):
         raise ProtocolError("SETUP: missing config")

@@ -254,8 +254,31 @@ class WorkerServer:
         if self.sock:
             self.sock.close()
 
+    def _claim(self) -> str | None:
+        """Called once a root has authenticated: take the worker, or say why not."""
+        with self.lock:
+            if self.busy:
+                return "worker is busy serving another root"
+            self.busy = True
+            return None
+
     def _handle(self, sock: socket.socket, addr) -> None:
+        try:
+            self._handle_connection(sock, addr)
+        except Exception as e:  # noqa: BLE001 - a bug must not leave the worker claimed or a socket open
+            self.log(f"internal error on a connection from {addr[0]}: {type(e).__name__}: {e}")
+            sock.close()
+
+    def _handle_connection(self, sock: socket.socket, addr) -> None:
         who = f"{addr[0]}:{addr[1]}"
+        claimed = False
+
+        def claim() -> str | None:
+            nonlocal claimed
+            reason = self._claim()
+            claimed = reason is None
+            return reason
+
         try:
             P.tune(sock)
             sock.settimeout(HANDSHAKE_TIMEOUT)
@@ -268,18 +291,14 @@ class WorkerServer:
                 P.server_authenticate(sock, s.session_key, P.ROLE_PEER, nonce, b"\0" * 32)
                 s.peer_queue.put((index, sock))
                 return
-            P.server_authenticate(sock, self.key, P.ROLE_ROOT, nonce, self.model_hash)
+            P.server_authenticate(sock, self.key, P.ROLE_ROOT, nonce, self.model_hash, refuse=claim)
         except (DllamaError, OSError) as e:
             self.log(f"rejected connection from {who}: {e}")
             sock.close()
+            if claimed:  # authenticated, then lost before the session began
+                with self.lock:
+                    self.busy = False
             return
-        with self.lock:
-            if self.busy:
-                P.send_error(sock, "worker is busy serving another root")
-                sock.close()
-                self.log(f"refused root {who}: busy")
-                return
-            self.busy = True
         self.log(f"root {who} connected")
         session = WorkerSession(self, Conn(sock, f"root ({who})", DATA_TIMEOUT))
         try:
@@ -290,6 +309,9 @@ class WorkerServer:
             self.log(f"session ended: {e}")
             if not isinstance(e, P.PeerClosed):
                 P.send_error(sock, str(e))
+        except Exception as e:  # noqa: BLE001 - report, then clean up like any other failed session
+            self.log(f"session ended by an internal error: {type(e).__name__}: {e}")
+            P.send_error(sock, f"internal error on the worker: {type(e).__name__}")
         finally:
             session.close()
             self.current_session = None

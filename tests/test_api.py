@@ -1,0 +1,340 @@
+"""`dllama api` as a real server process, driven with the official `openai` client (and raw httpx for the
+requests that client would refuse to send)."""
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+KEY = "test-key-123"
+
+
+class ApiServer:
+    """`dllama api` in a subprocess; a thread collects its stderr (so the pipe never fills) for the tests."""
+
+    def __init__(self, *args: str, timeout: float = 120):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dllama", "api", "--port", "0", "--nthreads", "1", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.eof = False
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.url = self.wait_log(r"serving \S+ at (http://\S+/) ", timeout=timeout).group(1)
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self.cond:
+            return "".join(self.lines)
+
+    def wait_log(self, pattern: str, timeout: float = 30, start: int = 0) -> re.Match:
+        """The first stderr line from `start` on matching `pattern`, waiting for it to be printed."""
+        rx, deadline = re.compile(pattern), time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines[start:]:
+                    if m := rx.search(line):
+                        return m
+                left = deadline - time.monotonic()
+                if self.eof or left <= 0:
+                    raise AssertionError(f"no log line matching {pattern!r}; server log:\n{''.join(self.lines)}")
+                self.cond.wait(left)
+
+    def mark(self) -> int:
+        with self.cond:
+            return len(self.lines)
+
+    def stop(self) -> None:
+        """Ctrl-C: the server must shut down cleanly."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"server did not stop on SIGINT; log:\n{self.log}") from None
+        with self.cond:
+            self.cond.wait_for(lambda: self.eof, timeout=10)
+        assert self.proc.returncode == 0, self.log
+        assert "Traceback" not in self.log, self.log
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ApiServer("--temperature", "0", "--api-key", KEY)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def ask(client, text, **kw):
+    return client.chat.completions.create(model="any", messages=[{"role": "user", "content": text}], **kw)
+
+
+def test_health_and_models(server, client):
+    r = httpx.get(server.url + "health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id.startswith("SmolLM2-135M-Instruct")
+    assert client.models.retrieve(models[0].id).id == models[0].id
+
+
+def test_chat_non_streamed(client):
+    r = ask(client, "What is the capital of Germany?", max_tokens=40)
+    c = r.choices[0]
+    assert "Berlin" in c.message.content and c.message.role == "assistant"
+    assert c.finish_reason == "stop"
+    assert "<|im_end|>" not in c.message.content
+    u = r.usage
+    assert u.prompt_tokens > 10 and 0 < u.completion_tokens < 40
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+
+
+def test_chat_streamed_equals_non_streamed_and_include_usage(client):
+    whole = ask(client, "What is 2+2?", max_tokens=30)
+    chunks = list(ask(client, "What is 2+2?", max_tokens=30, stream=True,
+                      stream_options={"include_usage": True}))  # fmt: skip
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert len(deltas) > 3  # really streamed, token by token
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert "4" in whole.choices[0].message.content
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None  # the usage chunk comes last
+    assert all(ch.usage is None for ch in chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # without include_usage there is no usage chunk
+    plain = list(ask(client, "What is 2+2?", max_tokens=5, stream=True))
+    assert all(ch.choices and ch.usage is None for ch in plain)
+
+
+def test_follow_up_request_reuses_the_cached_prefix(client):
+    first = [{"role": "user", "content": "The secret code is 4711."}]
+    r1 = client.chat.completions.create(model="any", messages=first, max_tokens=60)
+    history = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                       {"role": "user", "content": "What is the secret code?"}]  # fmt: skip
+    r2 = client.chat.completions.create(model="any", messages=history, max_tokens=30)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    # everything of the first exchange was already in the KV cache; only the new turn was computed
+    assert cached >= r1.usage.prompt_tokens + r1.usage.completion_tokens - 1
+    assert r2.usage.prompt_tokens - cached < 25
+    assert "4711" in r2.choices[0].message.content
+
+
+def test_completions_streamed_and_not(client):
+    r = client.completions.create(model="any", prompt="The capital of France is", max_tokens=3)
+    assert r.object == "text_completion"
+    assert r.choices[0].text.startswith(" Paris") and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3 and r.usage.prompt_tokens == 5
+    s = list(client.completions.create(model="any", prompt="The capital of France is", max_tokens=3, stream=True))
+    assert "".join(ch.choices[0].text for ch in s if ch.choices) == r.choices[0].text
+    assert s[-1].choices[0].finish_reason == "length"
+    echoed = client.completions.create(model="any", prompt="The capital of France is", max_tokens=3, echo=True)
+    assert echoed.choices[0].text == "The capital of France is" + r.choices[0].text
+
+
+def test_max_tokens_and_max_completion_tokens(client):
+    for kw in ({"max_tokens": 5}, {"max_completion_tokens": 5}, {"max_tokens": 50, "max_completion_tokens": 5}):
+        r = ask(client, "Write a long story about a dragon.", **kw)
+        assert r.usage.completion_tokens == 5, kw
+        assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_are_never_emitted(client, stream):
+    prompt = "Once upon a time"
+    full = client.completions.create(model="any", prompt=prompt, max_tokens=40).choices[0].text
+    assert "Nova Haven was" in full, full  # a multi-token stop string well inside the text
+
+    def complete(stop):
+        if not stream:
+            c = client.completions.create(model="any", prompt=prompt, max_tokens=40, stop=stop).choices[0]
+            return c.text, c.finish_reason
+        chunks = list(client.completions.create(model="any", prompt=prompt, max_tokens=40, stop=stop, stream=True))
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        return text, chunks[-1].choices[0].finish_reason
+
+    for stop in ("Nova Haven was", ["never appears", "Nova Haven was"], ["Haven", "Nova"]):
+        text, finish = complete(stop)
+        assert text == full[: full.index("Nova")], (stop, text)
+        assert finish == "stop"
+    text, finish = complete("never appears")
+    assert text == full and finish == "length"
+
+
+def test_seed_makes_sampling_reproducible(client):
+    kw = {"temperature": 1.0, "top_p": 0.95, "seed": 1234, "max_tokens": 20}
+    a, b = ask(client, "Tell me a story.", **kw), ask(client, "Tell me a story.", **kw)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_wrong_or_missing_api_key_is_401(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(server.url + "v1/chat/completions", headers=headers,
+                       json={"messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        assert r.status_code == 401, headers
+        assert r.json()["error"]["type"] == "authentication_error"
+    bad = openai.OpenAI(base_url=server.url + "v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(server.url + "health").status_code == 200  # health and the page need no key
+
+
+CHAT = "v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+TOO_LONG = {"messages": [{"role": "user", "content": "hello " * 9000}]}  # the context holds 8192 tokens
+MALFORMED = [
+    (CHAT, b"{not json", 400, None),
+    (CHAT, b"\xff\xfe", 400, None),
+    (CHAT, b"[1, 2]", 400, None),
+    (CHAT, {}, 400, "messages"),
+    (CHAT, {"messages": "hi"}, 400, "messages"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": ["hi"]}, 400, "messages[0]"),
+    (CHAT, {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    (CHAT, {"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content[0]"),
+    (CHAT, {"messages": MSG, "model": 7}, 400, "model"),
+    (CHAT, {"messages": MSG, "temperature": "hot"}, 400, "temperature"),
+    (CHAT, {"messages": MSG, "temperature": -1}, 400, "temperature"),
+    (CHAT, {"messages": MSG, "top_p": 0}, 400, "top_p"),
+    (CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": MSG, "max_tokens": "5"}, 400, "max_tokens"),
+    (CHAT, {"messages": MSG, "max_tokens": True}, 400, "max_tokens"),
+    (CHAT, {"messages": MSG, "max_completion_tokens": 2.5}, 400, "max_completion_tokens"),
+    (CHAT, {"messages": MSG, "stream": "yes"}, 400, "stream"),
+    (CHAT, {"messages": MSG, "stream": True, "stream_options": 3}, 400, "stream_options"),
+    (CHAT, {"messages": MSG, "stop": 5}, 400, "stop"),
+    (CHAT, {"messages": MSG, "stop": ["a", None]}, 400, "stop"),
+    (CHAT, {"messages": MSG, "seed": 1.5}, 400, "seed"),
+    (CHAT, {"messages": MSG, "n": 2}, 400, "n"),
+    (CHAT, TOO_LONG, 400, "messages"),
+    ("v1/completions", {}, 400, "prompt"),
+    ("v1/completions", {"prompt": {"text": "hi"}}, 400, "prompt"),
+    ("v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
+    ("v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("v1/nowhere", {}, 404, None),
+]
+
+
+def test_malformed_requests_get_openai_errors_and_the_server_stays_up(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, headers=auth, timeout=60) as h:
+        for path, body, status, param in MALFORMED:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = h.post(path, content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == status, (path, body, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+            assert err["param"] == param, (body, err)
+        too_long = h.post(CHAT, json=TOO_LONG).json()["error"]
+        assert too_long["code"] == "context_length_exceeded" and "context" in too_long["message"]
+        r = h.get(CHAT)
+        assert r.status_code == 405 and "error" in r.json()
+        # unknown fields are ignored, as OpenAI-compatible servers do
+        r = h.post(CHAT, json={"messages": MSG, "max_tokens": 2, "frobnicate": {"x": 1}, "user": "u1",
+                               "logit_bias": {}, "presence_penalty": 0.5})  # fmt: skip
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        assert h.get("health").json()["status"] == "ok"
+    assert server.proc.poll() is None
+
+
+def test_sixteen_concurrent_clients_are_all_answered(client):
+    def one(i):
+        # prompts of different lengths: each answer's usage proves it belongs to its own request
+        msgs = [{"role": "user", "content": "Say hi" + " please" * i}]
+        if i % 2:
+            chunks = list(client.chat.completions.create(model="any", messages=msgs, max_tokens=8, stream=True,
+                                                         stream_options={"include_usage": True}))  # fmt: skip
+            text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            return i, text, chunks[-1].usage
+        r = client.chat.completions.create(model="any", messages=msgs, max_tokens=8)
+        return i, r.choices[0].message.content, r.usage
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = sorted(pool.map(one, range(16)))
+    assert len(results) == 16
+    assert all(text and 0 < u.completion_tokens <= 8 for _, text, u in results)
+    prompt_tokens = [u.prompt_tokens for _, _, u in results]
+    assert prompt_tokens == sorted(set(prompt_tokens)), prompt_tokens
+
+
+def test_client_disconnect_cancels_generation(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+            "max_tokens": 3000, "temperature": 1.0, "seed": 1}  # fmt: skip
+    # streamed: hang up after a few chunks
+    mark = server.mark()
+    with httpx.stream("POST", server.url + CHAT, json={**body, "stream": True}, headers=auth, timeout=60) as r:
+        assert r.status_code == 200
+        for n, _ in enumerate(r.iter_lines()):
+            if n > 6:
+                break
+    m = server.wait_log(r"(\d+) generated.*; (\w+)$", start=mark)
+    assert m.group(2) == "cancelled" and int(m.group(1)) < 1000, m.group(0)
+    # not streamed: the client gives up waiting
+    mark = server.mark()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + CHAT, json=body, headers=auth, timeout=httpx.Timeout(60, read=1.0))
+    m = server.wait_log(r"(\d+) generated.*; (\w+)$", start=mark)
+    assert m.group(2) == "cancelled" and int(m.group(1)) < 1000, m.group(0)
+    assert httpx.get(server.url + "health").json()["queued"] == 0
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_two_nodes_answer_and_a_dead_worker_gives_503():
+    s = ApiServer("--local-workers", "1", "--temperature", "0")
+    try:
+        c = openai.OpenAI(base_url=s.url + "v1", api_key="none", max_retries=0, timeout=120)
+        assert httpx.get(s.url + "health").json()["nodes"] == 2
+        r = c.completions.create(model="any", prompt="The capital of France is", max_tokens=3)
+        assert r.choices[0].text.startswith(" Paris")
+        assert "Berlin" in ask(c, "What is the capital of Germany?", max_tokens=20).choices[0].message.content
+
+        workers = _children(s.proc.pid)
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        for _ in range(2):  # the failed forward, then the failed reconnect
+            with pytest.raises(openai.APIStatusError) as e:
+                c.completions.create(model="any", prompt="The capital of France is", max_tokens=3)
+            assert e.value.status_code == 503
+            assert e.value.body["type"] == "service_unavailable_error"
+        health = httpx.get(s.url + "health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        assert c.models.list().data  # the server itself is fine
+    finally:
+        s.stop()

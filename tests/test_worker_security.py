@@ -1,0 +1,200 @@
+"""A worker facing a hostile network: wrong secrets, garbage, huge or truncated frames, version mismatches,
+a root that disappears halfway through the weights, a second root. After each, the same worker process
+must still be up and serve the next good root correctly."""
+
+import json
+import os
+import socket
+import struct
+
+import numpy as np
+import pytest
+
+from dllama.model.gguf_model import GGUFModel
+from dllama.net import protocol as P
+from dllama.net.setup import encode_setup
+from dllama.runtime.root import Root
+from dllama.split.plan import SplitPlan
+
+QUIET = {"log": lambda *a: None}
+
+
+@pytest.fixture
+def worker(workers):
+    (w,) = workers(1, secret="right-secret")
+    return w
+
+
+@pytest.fixture(scope="module")
+def model(default_model):
+    return GGUFModel(default_model)
+
+
+def raw(w, timeout=5.0) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", w.port), timeout=timeout)
+    return s
+
+
+def closed_by_worker(s: socket.socket) -> bytes:
+    """Everything the worker sends until it closes the connection (it must close, not hang)."""
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:  # closed with our unread bytes pending: Linux answers with RST
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def good_root_works(w, model) -> None:
+    ref = Root(model, nthreads=1, max_seq=32, **QUIET).forward([1, 2, 3], 0).copy()
+    with Root(model, nthreads=1, max_seq=32, workers=[w.address], secret="right-secret", **QUIET) as r:
+        np.testing.assert_allclose(r.forward([1, 2, 3], 0), ref, atol=3.0)
+        assert np.corrcoef(r.forward([4], 3), ref)[0, 1] < 1.0  # a real forward at the next position
+    assert w.alive()
+
+
+def test_wrong_secret_is_rejected(worker, model):
+    from dllama.errors import DllamaError
+
+    with pytest.raises(DllamaError, match="secret|authentication"):
+        Root(model, nthreads=1, max_seq=32, workers=[worker.address], secret="wrong", **QUIET)
+    with pytest.raises(DllamaError):
+        Root(model, nthreads=1, max_seq=32, workers=[worker.address], secret=None, **QUIET)
+    good_root_works(worker, model)
+
+
+def test_garbage_bytes(worker, model):
+    s = raw(worker)
+    s.sendall(os.urandom(4096))
+    closed_by_worker(s)
+    good_root_works(worker, model)
+
+
+def test_huge_length_prefix_is_refused_before_allocation(worker, model):
+    s = raw(worker)
+    s.sendall(P.HEADER.pack(P.MAGIC, P.HELLO, 0, 0xFFFFFFFF))
+    closed_by_worker(s)
+    s = raw(worker)  # a plausible type with an absurd size, after a valid handshake prefix
+    s.sendall(P.HEADER.pack(P.MAGIC, P.SETUP, 0, 3 << 30))
+    closed_by_worker(s)
+    good_root_works(worker, model)
+
+
+def test_truncated_message_then_disconnect(worker, model):
+    s = raw(worker)
+    s.sendall(P.header(P.HELLO, P.HELLO_S.size) + b"\x01\x00\x01")
+    s.close()
+    good_root_works(worker, model)
+
+
+def test_silent_client_times_out(worker, model):
+    s = raw(worker, timeout=30)
+    s.sendall(P.header(P.HELLO, P.HELLO_S.size)[:5])  # then nothing: the handshake timeout must free it
+    assert closed_by_worker(s) == b""
+    good_root_works(worker, model)
+
+
+def test_version_mismatch_gets_a_clear_error(worker, model):
+    s = raw(worker)
+    s.sendall(
+        P.header(P.HELLO, P.HELLO_S.size) + P.HELLO_S.pack(99, P.ROLE_ROOT, os.urandom(16), bytes(16), 0)
+    )
+    reply = closed_by_worker(s)
+    mtype, length = P.parse_header(reply[: P.HEADER.size])
+    assert mtype == P.ERROR and b"version mismatch" in reply[P.HEADER.size :]
+    good_root_works(worker, model)
+
+
+def authenticated(w) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+    P.client_handshake(s, P.key_of("right-secret"), P.ROLE_ROOT)
+    return s
+
+
+def setup_payload(model, **over) -> bytes:
+    plan = SplitPlan.make(model.config, 2)
+    msg = encode_setup(plan, 1, max_seq=32, max_batch=4, buffer_type="q80", peers=["root", "x:1"],
+                       session_id=os.urandom(16), session_key=os.urandom(32), local_weights=False,
+                       model_hash=bytes(32))  # fmt: skip
+    msg.update(over)
+    return json.dumps(msg).encode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{not json", b"[1,2,3]", "bad-dim", "bad-nodes", "huge-seq"],
+)
+def test_malformed_setup_is_answered_and_survived(worker, model, payload):
+    if payload == "bad-dim":
+        cfg = json.loads(setup_payload(model))["config"]
+        payload = setup_payload(model, config={**cfg, "dim": -5})
+    elif payload == "bad-nodes":
+        payload = setup_payload(model, nodes=[[0, 1, 0, 32, 0, 0], [5, 9, 0, 1, 0, 0]])
+    elif payload == "huge-seq":
+        payload = setup_payload(model, max_seq=1 << 40)
+    s = authenticated(worker)
+    P.send(s, P.SETUP, payload)
+    reply = closed_by_worker(s)
+    assert P.parse_header(reply[: P.HEADER.size])[0] == P.ERROR
+    good_root_works(worker, model)
+
+
+def test_root_disconnects_in_the_middle_of_the_weights(worker, model):
+    s = authenticated(worker)
+    P.send(s, P.SETUP, setup_payload(model))
+    plan = SplitPlan.make(model.config, 2)
+    v = plan.slice(plan.nodes[1], "attn_norm", model.layer(0, "attn_norm"))
+    s.sendall(P.header(P.TENSOR, P.TENSOR_S.size + v.nbytes) + P.TENSOR_S.pack(0, 0, v.type, v.rows, v.cols))
+    s.sendall(v.contiguous().tobytes())
+    q = plan.slice(plan.nodes[1], "attn_q", model.layer(0, "attn_q"))
+    s.sendall(P.header(P.TENSOR, P.TENSOR_S.size + q.nbytes) + P.TENSOR_S.pack(0, 1, q.type, q.rows, q.cols))
+    s.sendall(q.contiguous().tobytes()[: q.nbytes // 2])  # half a tensor, then gone
+    s.close()
+    good_root_works(worker, model)
+
+
+def test_tensor_with_wrong_shape_or_size_is_rejected(worker, model):
+    s = authenticated(worker)
+    P.send(s, P.SETUP, setup_payload(model))
+    # claims 10^6 rows for the layer-0 norm: must be refused from the header alone
+    s.sendall(P.header(P.TENSOR, P.TENSOR_S.size + 4 * 576) + P.TENSOR_S.pack(0, 0, 0, 1_000_000, 576))
+    reply = closed_by_worker(s)
+    assert P.parse_header(reply[: P.HEADER.size])[0] == P.ERROR
+    good_root_works(worker, model)
+
+
+def test_second_root_is_told_the_worker_is_busy(worker, model):
+    from dllama.errors import DllamaError
+
+    with Root(model, nthreads=1, max_seq=32, workers=[worker.address], secret="right-secret", **QUIET):
+        with pytest.raises(DllamaError, match="busy"):
+            Root(model, nthreads=1, max_seq=32, workers=[worker.address], secret="right-secret", **QUIET)
+    good_root_works(worker, model)
+
+
+def test_forward_with_bad_sizes_ends_the_session_cleanly(worker, model):
+    with Root(model, nthreads=1, max_seq=32, workers=[worker.address], secret="right-secret", **QUIET) as r:
+        conn = r.cluster.conns[0]
+        bad = P.FORWARD_S.pack(30, 50, 8)  # T=50 > max_batch, pos+T > max_seq
+        conn.sendall(P.header(P.FORWARD, len(bad)) + bad)
+        conn.timeout = 5
+        with pytest.raises(P.RemoteError, match="bad FORWARD"):
+            P.recv(conn)
+        r.cluster.broken = "test"
+    good_root_works(worker, model)
+
+
+def test_peer_connection_for_unknown_session_is_refused(worker, model):
+    s = raw(worker)
+    s.sendall(P.header(P.HELLO, P.HELLO_S.size) + P.HELLO_S.pack(P.VERSION, P.ROLE_PEER, os.urandom(16),
+                                                                   os.urandom(16), 2))  # fmt: skip
+    reply = closed_by_worker(s)
+    assert P.parse_header(reply[: P.HEADER.size])[0] == P.ERROR
+    good_root_works(worker, model)
+
+
+def test_unpack_sanity():
+    assert struct.calcsize("<2sBBI") == P.HEADER.size == 8
