@@ -87,6 +87,9 @@ class Engine:
     def __init__(self, session: Session, log=None):
         self.session = session
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # Root.available turns True again after a *failed* reconnect (no cluster object left), so the
+        # outcome of the last attempt is remembered here.
+        self.reconnect_failed = False
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="dllama-generate", daemon=True)
         self._thread.start()
@@ -95,6 +98,10 @@ class Engine:
         job = Job(ids, sampler, max_tokens, stops, asyncio.get_running_loop())
         self._jobs.put(job)
         return job
+
+    @property
+    def available(self) -> bool:
+        return self.session.root.available and not self.reconnect_failed
 
     @property
     def queued(self) -> int:
@@ -123,14 +130,15 @@ class Engine:
                     job.put("error", JobError(503, f"cluster unavailable: {e}"))
 
     def _ensure_cluster(self) -> None:
-        root = self.session.root
-        if root.available:
+        if self.available:
             return
         self.session.reset()  # the workers' caches are gone either way
         try:
-            root.reconnect()
+            self.session.root.reconnect()
         except Exception as e:
+            self.reconnect_failed = True
             raise JobError(503, f"cluster unavailable (reconnecting failed: {e})") from None
+        self.reconnect_failed = False
         self.log("reconnected to the workers")
 
     def _generate(self, job: Job) -> None:

@@ -314,7 +314,7 @@ def create_app(session: Session, *, model_id: str, api_key: str | None = None, d
 
     @app.get("/health")
     async def health():
-        ok = session.root.available
+        ok = engine.available if engine else session.root.available
         return JSONResponse(
             {"status": "ok" if ok else "unavailable", "model": model_id, "nodes": session.root.n_nodes,
              "context": session.max_seq, "queued": engine.queued if engine else 0},
