@@ -56,7 +56,9 @@ class ApiServer:
                         return m
                 left = deadline - time.monotonic()
                 if self.eof or left <= 0:
-                    raise AssertionError(f"no log line matching {pattern!r}; server log:\n{''.join(self.lines)}")
+                    raise AssertionError(
+                        f"no log line matching {pattern!r}; server log:\n{''.join(self.lines)}"
+                    )
                 self.cond.wait(left)
 
     def mark(self) -> int:
@@ -153,15 +155,23 @@ def test_completions_streamed_and_not(client):
     assert r.object == "text_completion"
     assert r.choices[0].text.startswith(" Paris") and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 3 and r.usage.prompt_tokens == 5
-    s = list(client.completions.create(model="any", prompt="The capital of France is", max_tokens=3, stream=True))
+    s = list(
+        client.completions.create(model="any", prompt="The capital of France is", max_tokens=3, stream=True)
+    )
     assert "".join(ch.choices[0].text for ch in s if ch.choices) == r.choices[0].text
     assert s[-1].choices[0].finish_reason == "length"
-    echoed = client.completions.create(model="any", prompt="The capital of France is", max_tokens=3, echo=True)
+    echoed = client.completions.create(
+        model="any", prompt="The capital of France is", max_tokens=3, echo=True
+    )
     assert echoed.choices[0].text == "The capital of France is" + r.choices[0].text
 
 
 def test_max_tokens_and_max_completion_tokens(client):
-    for kw in ({"max_tokens": 5}, {"max_completion_tokens": 5}, {"max_tokens": 50, "max_completion_tokens": 5}):
+    for kw in (
+        {"max_tokens": 5},
+        {"max_completion_tokens": 5},
+        {"max_tokens": 50, "max_completion_tokens": 5},
+    ):
         r = ask(client, "Write a long story about a dragon.", **kw)
         assert r.usage.completion_tokens == 5, kw
         assert r.choices[0].finish_reason == "length"
@@ -177,7 +187,9 @@ def test_stop_strings_are_never_emitted(client, stream):
         if not stream:
             c = client.completions.create(model="any", prompt=prompt, max_tokens=40, stop=stop).choices[0]
             return c.text, c.finish_reason
-        chunks = list(client.completions.create(model="any", prompt=prompt, max_tokens=40, stop=stop, stream=True))
+        chunks = list(
+            client.completions.create(model="any", prompt=prompt, max_tokens=40, stop=stop, stream=True)
+        )
         text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
         return text, chunks[-1].choices[0].finish_reason
 
@@ -222,7 +234,12 @@ MALFORMED = [
     (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     (CHAT, {"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content"),
     (CHAT, {"messages": [{"role": "user"}]}, 400, "messages[0].content"),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content[0]"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages[0].content[0]",
+    ),
     (CHAT, {"messages": MSG, "model": 7}, 400, "model"),
     (CHAT, {"messages": MSG, "temperature": "hot"}, 400, "temperature"),
     (CHAT, {"messages": MSG, "temperature": -1}, 400, "temperature"),
@@ -295,7 +312,9 @@ def test_client_disconnect_cancels_generation(server):
             "max_tokens": 3000, "temperature": 1.0, "seed": 1}  # fmt: skip
     # streamed: hang up after a few chunks
     mark = server.mark()
-    with httpx.stream("POST", server.url + CHAT, json={**body, "stream": True}, headers=auth, timeout=60) as r:
+    with httpx.stream(
+        "POST", server.url + CHAT, json={**body, "stream": True}, headers=auth, timeout=60
+    ) as r:
         assert r.status_code == 200
         for n, _ in enumerate(r.iter_lines()):
             if n > 6:

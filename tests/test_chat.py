@@ -6,7 +6,9 @@ import sys
 import pexpect
 import pytest
 
-STATS = re.compile(r"\((\d+) new prompt tokens, (\d+) reused; (\d+) tokens at ([\d.]+) tokens/s\)([^\r\n\x1b]*)")
+STATS = re.compile(
+    r"\((\d+) new prompt tokens, (\d+) reused; (\d+) tokens at ([\d.]+) tokens/s\)([^\r\n\x1b]*)"
+)
 PROMPT = ">>> "
 
 

@@ -147,8 +147,10 @@ new MutationObserver(() => {
   if (el) window.__seen.push([el.dataset.state, el.textContent.length]);
 }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true, attributes: true});
 """
-LAST_DONE = "(() => { const el = [...document.querySelectorAll('.msg.assistant')].pop(); " \
-            "return el && el.dataset.state !== 'streaming' && document.body.dataset.busy === 'false' && el; })()"
+LAST_DONE = (
+    "(() => { const el = [...document.querySelectorAll('.msg.assistant')].pop(); "
+    "return el && el.dataset.state !== 'streaming' && document.body.dataset.busy === 'false' && el; })()"
+)
 
 
 @pytest.fixture

@@ -83,6 +83,16 @@ class Chat:
         self.reconnect_failed = False
 
     def turn(self, message: str) -> None:
+        stop = threading.Event()
+        # Ctrl-C sets a flag checked between tokens: interrupting a forward pass would leave the KV cache
+        # (and, with workers, the cluster protocol) half-way through a step.
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        try:
+            self._turn(message, stop)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _turn(self, message: str, stop: threading.Event) -> None:
         self.history.append({"role": "user", "content": message})
         try:
             self.ensure_cluster()
@@ -94,19 +104,15 @@ class Chat:
         if ids is None:
             self.history.pop()
             return
-        answer, finish = self.answer(ids)
+        answer, finish = self.answer(ids, stop)
         if finish == "error":
             self.history.pop()
             return
         self.history.append({"role": "assistant", "content": answer})
 
-    def answer(self, ids: list[int]) -> tuple[str, str]:
+    def answer(self, ids: list[int], stop: threading.Event) -> tuple[str, str]:
         s, tok = self.session, self.tok
         s.stats.clear()
-        stop = threading.Event()
-        # Ctrl-C sets a flag checked between tokens: interrupting a forward pass would leave the KV cache
-        # (and, with workers, the cluster protocol) half-way through a step.
-        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
         dec, parts, n = tok.stream_decoder(), [], 0
         try:
             max_new = self.max_tokens or s.max_seq
@@ -119,8 +125,6 @@ class Chat:
             self.out.write("\n")
             self.say(f"error: {e}")
             return "", "error"
-        finally:
-            signal.signal(signal.SIGINT, previous)
         parts.append(dec.flush())
         self.out.write(parts[-1] + "\n")
         finish = "cancelled" if stop.is_set() else s.finish_reason
