@@ -357,3 +357,16 @@ def test_two_nodes_answer_and_a_dead_worker_gives_503():
         assert c.models.list().data  # the server itself is fine
     finally:
         s.stop()
+
+
+def test_busy_port_is_a_one_line_error():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "dllama", "api", "--port", str(port)],
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]

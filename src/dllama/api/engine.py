@@ -161,7 +161,7 @@ class Engine:
                 if hit:
                     break
         finally:
-            gen.close()  # a stop string hit: the last token stays out of the cache, like a stop token
+            gen.close()  # ends Session.generate now on a stop-string hit; the cache keeps what was computed
         if not started:
             job.put("start")
         if not hit:

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dllama.api.engine import Engine, Job, Usage
+from dllama.api.engine import Engine, Job, JobError, Usage
 from dllama.runtime.session import Session
 from dllama.sampling.sampler import Sampler
 
@@ -235,14 +235,13 @@ def create_app(session: Session, *, model_id: str, api_key: str | None = None, d
             raise ClientGone
         kind, value = get.result()
         if kind == "error":
-            raise ApiError(
-                value.status, str(value), code="cluster_unavailable" if value.status == 503 else None
-            )
+            raise _job_error(value)
         return kind, value
 
     async def run(request: Request, body: dict, ids: list[int], max_tokens: int, chunk, final):
-        """Shared by both endpoints. `chunk(text | None, finish, usage)` builds one streamed object;
-        `final(text, finish, usage)` the non-streamed answer."""
+        """Shared by both endpoints. `chunk(text, finish, usage, include_usage)` builds one streamed object
+        (text None = the opening chunk, usage given = the closing usage chunk); `final(text, finish, usage)`
+        the non-streamed answer."""
         sampler, stops = sampling(body)
         stream = _bool(body, "stream")
         options = body.get("stream_options")
@@ -264,9 +263,9 @@ def create_app(session: Session, *, model_id: str, api_key: str | None = None, d
                     kind, value = await job.events.get()
                     if kind == "text":
                         yield _sse(chunk(value, None, None, include_usage))
-                    elif kind == "error":
-                        err = ApiError(value.status, str(value))
-                        yield _sse({"error": {"message": err.message, "type": err.type}})
+                    elif kind == "error":  # too late for a status code: an error event ends the stream
+                        err = _job_error(value)
+                        yield _sse({"error": {"message": err.message, "type": err.type, "code": err.code}})
                         return
                     else:  # done
                         finish, usage = value
@@ -295,7 +294,7 @@ def create_app(session: Session, *, model_id: str, api_key: str | None = None, d
                 if kind == "text":
                     parts.append(value)
                 elif kind == "error":
-                    raise ApiError(value.status, str(value))
+                    raise _job_error(value)
                 else:
                     return JSONResponse(final("".join(parts), *value))
         finally:
@@ -403,6 +402,10 @@ def create_app(session: Session, *, model_id: str, api_key: str | None = None, d
         return await run(request, body, ids, max_tokens, chunk, final)
 
     return app
+
+
+def _job_error(e: JobError) -> ApiError:
+    return ApiError(e.status, str(e), code="cluster_unavailable" if e.status == 503 else None)
 
 
 def _model_param(body: dict) -> None:

@@ -32,11 +32,15 @@ def register(sub) -> None:
 
 
 def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host, port), family=family, backlog=128)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
+        sock.bind((host, port))
+        sock.listen(128)
     except OSError as e:
+        sock.close()
         raise DllamaError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def _is_loopback(host: str) -> bool:

@@ -24,6 +24,7 @@ class LocalWorkers:
                     [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", "0",
                      "--nthreads", str(nthreads)],
                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True,
+                    start_new_session=True,  # Ctrl-C in the terminal must not kill the workers
                 )  # fmt: skip
                 self.procs.append(p)
             deadline = time.monotonic() + timeout

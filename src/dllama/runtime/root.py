@@ -65,7 +65,9 @@ class Root:
     @property
     def available(self) -> bool:
         """False after a worker failed, until `reconnect()` succeeds."""
-        return self.cluster is None or not self.cluster.broken
+        if not self._cluster_args[0]:
+            return True
+        return self.cluster is not None and not self.cluster.broken
 
     def reconnect(self) -> None:
         """(Re)connects the workers and ships their slices again. Callers must forget their cached tokens:
@@ -88,6 +90,8 @@ class Root:
         if T < 1 or T > self.max_batch or pos + T > self.max_seq:
             raise DllamaError(f"forward: {T} tokens at position {pos} exceed the context ({self.max_seq})")
         e = self.engine
+        if self._cluster_args[0] and self.cluster is None:
+            raise DllamaError("cluster unavailable: the workers are not connected")
         e.x[:T] = self.model.embed(tokens)
         if self.cluster is None:
             e.forward(pos, T)
