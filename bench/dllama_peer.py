@@ -63,13 +63,14 @@ def _bench_inprocess(path: str, threads: int, n_decode: int, prompt_tokens: list
 
 
 def bench_dllama(path, threads: int, n_decode: int = 128, prompt_tokens: list[int] | None = None, *,
-                 workers=None, secret=None, buffer_type="q80", subprocess_isolated: bool = True) -> dict:  # fmt: skip
+                 workers=None, secret=None, buffer_type="q80", subprocess_isolated: bool = True,
+                 prefix: list[str] | None = None) -> dict:  # fmt: skip
     from llamacpp_peer import default_prompt_tokens
 
     prompt_tokens = list(prompt_tokens) if prompt_tokens is not None else default_prompt_tokens()
     if not subprocess_isolated:
         return _bench_inprocess(str(path), threads, n_decode, prompt_tokens, workers, secret, buffer_type)
-    cmd = [sys.executable, os.path.abspath(__file__), str(path), "--threads", str(threads), "--n-decode",
+    cmd = [*(prefix or []), sys.executable, os.path.abspath(__file__), str(path), "--threads", str(threads), "--n-decode",
            str(n_decode), "--prompt-json", json.dumps(prompt_tokens), "--buffer-float-type", buffer_type]  # fmt: skip
     if workers:
         cmd += ["--workers", *workers]

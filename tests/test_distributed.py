@@ -97,26 +97,51 @@ def test_default_model_argmax_agrees_where_clear(default_model, workers, n, buff
     assert same.mean() >= 0.8
 
 
-# free-running greedy agreement with the single node on fixed prompts (measured: see the test output)
-AGREE = [(2, "f32", "The three primary colors are", 32), (2, "f32", "The capital of France is", 32),
-         (3, "f32", "The capital of France is", 32), (2, "q80", "Water boils at", 16),
-         (2, "q80", "Once upon a time", 16), (3, "q80", "Once upon a time", 16)]  # fmt: skip
+PROMPTS = [
+    "The three primary colors are",
+    "Water boils at",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "The capital of France is",
+    "My favourite food is",
+]
+NOISE = {"f32": 1.5, "q80": 3.0}  # measured max |logit diff| vs the single node: ~1.2 (f32), ~2.4 (q80)
 
 
-@pytest.mark.parametrize("n,buffer_type,prompt,need", AGREE)
-def test_default_model_greedy_agrees_with_single_node(default_model, workers, n, buffer_type, prompt, need):
+def greedy_with_margins(root: Root, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    logits = root.forward(ids, 0)
+    out, margins = [], []
+    for i in range(n):
+        top2 = np.sort(logits)[-2:]
+        out.append(int(logits.argmax()))
+        margins.append(float(top2[1] - top2[0]))
+        logits = root.forward([out[-1]], len(ids) + i)
+    return out, margins
+
+
+@pytest.mark.parametrize("n,buffer_type", [(2, "f32"), (3, "f32"), (2, "q80"), (3, "q80")])
+def test_default_model_greedy_agrees_with_single_node(default_model, workers, n, buffer_type):
+    """Greedy output equals the single node's until the single node itself faces a near-tie (top-2 margin
+    within the activation-quantization noise); the raw agreement lengths are printed for the report."""
     m = GGUFModel(default_model)
     tok = Tokenizer.from_gguf(default_model, reader=m.reader)
-    ids = tok.encode(prompt)
-    ref = list(Session(Root(m, nthreads=1, max_seq=128, **QUIET)).generate(ids, Sampler(0), 40))
+    single = Root(m, nthreads=1, max_seq=128, **QUIET)
     ws = workers(n - 1)
+    agree_all, unexplained = [], []
     with cluster(m, [w.address for w in ws], buffer_type=buffer_type) as r:
-        got = list(Session(r).generate(ids, Sampler(0), 40))
-    agree = next(
-        (i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got))
+        for prompt in PROMPTS:
+            ids = tok.encode(prompt)
+            ref, margins = greedy_with_margins(single, ids, 40)
+            got, _ = greedy_with_margins(r, ids, 40)
+            agree = next((i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b), 40)
+            agree_all.append(agree)
+            if agree < 40 and margins[agree] > NOISE[buffer_type]:
+                unexplained.append((prompt, agree, margins[agree]))
+    print(
+        f"{n} nodes {buffer_type}: greedy agreement with 1 node over {len(PROMPTS)} prompts: {agree_all} tokens"
     )
-    print(f"{n} nodes {buffer_type} {prompt!r}: greedy agrees for {agree} of 40 tokens")
-    assert agree >= need
+    assert not unexplained, f"diverged where the single node had a clear winner: {unexplained}"
+    assert max(agree_all) >= (32 if buffer_type == "f32" else 16)
 
 
 @pytest.mark.parametrize("buffer_type", ["q80", "f32"])

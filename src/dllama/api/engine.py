@@ -87,9 +87,6 @@ class Engine:
     def __init__(self, session: Session, log=None):
         self.session = session
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        # Root.available turns True again after a *failed* reconnect (no cluster object left), so the
-        # outcome of the last attempt is remembered here.
-        self.reconnect_failed = False
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="dllama-generate", daemon=True)
         self._thread.start()
@@ -101,7 +98,7 @@ class Engine:
 
     @property
     def available(self) -> bool:
-        return self.session.root.available and not self.reconnect_failed
+        return self.session.root.available
 
     @property
     def queued(self) -> int:
@@ -133,12 +130,10 @@ class Engine:
         if self.available:
             return
         self.session.reset()  # the workers' caches are gone either way
-        try:
+        try:  # every request retries, so the server recovers by itself once the workers are back
             self.session.root.reconnect()
         except Exception as e:
-            self.reconnect_failed = True
             raise JobError(503, f"cluster unavailable (reconnecting failed: {e})") from None
-        self.reconnect_failed = False
         self.log("reconnected to the workers")
 
     def _generate(self, job: Job) -> None:

@@ -46,7 +46,6 @@ class Chat:
         # room kept free for the answer before old turns are dropped
         self.reserve = min(args.max_tokens or 256, session.max_seq // 4)
         self.out = out
-        self.reconnect_failed = False
         color = out.isatty() and not os.environ.get("NO_COLOR")
         self.dim = (lambda s: f"\x1b[2m{s}\x1b[0m") if color else (lambda s: s)
 
@@ -73,14 +72,11 @@ class Chat:
 
     def ensure_cluster(self) -> None:
         root = self.session.root
-        # after a failed reconnect Root.available reads True again (no cluster object): remember it here
-        if root.available and not self.reconnect_failed:
+        if root.available:
             return
         self.say("(reconnecting to the workers)")
         self.session.reset()
-        self.reconnect_failed = True
         root.reconnect()
-        self.reconnect_failed = False
 
     def turn(self, message: str) -> None:
         stop = threading.Event()

@@ -93,8 +93,9 @@ class ClusterLinks:
             root.log(
                 f"{conn.name}: ready, {float(ready.get('weight_bytes', 0)) / 1e6:.1f} MB of weights ({how})"
             )
-        self.exchange = Exchange(0, dict(enumerate(self.conns, 1)), root.cfg.dim, root.max_batch, self.buffer_type,
-                                 timeout=DATA_TIMEOUT)  # fmt: skip
+        self.exchange = Exchange(
+            root.engine, 0, dict(enumerate(self.conns, 1)), self.buffer_type, DATA_TIMEOUT
+        )
 
     def _ship_weights(self, targets: list[tuple[Conn, int]]) -> None:
         """Each worker gets only its slice; all workers are fed at once, one thread each."""
@@ -145,7 +146,7 @@ class ClusterLinks:
         """Runs all layers over the cluster; the root's engine.x[:T] holds the embeddings on entry."""
         if self.broken:
             raise DllamaError(f"cluster unavailable: {self.broken}")
-        root, e, ex = self.root, self.root.engine, self.exchange
+        root, ex = self.root, self.exchange
         T = len(tokens)
         emb = root.model.embedding
         rb = emb.row_bytes
@@ -160,11 +161,7 @@ class ClusterLinks:
             for c in self.conns:
                 c.sendall(P.header(P.FORWARD, len(payload)) + payload)
             net += time.perf_counter() - t0
-            for layer in range(root.cfg.n_layers):
-                e.attn(layer, pos, T)
-                net += ex.allreduce(e.out, e.x, T, 2 * layer)
-                e.ffn(layer, T)
-                net += ex.allreduce(e.out, e.x, T, 2 * layer + 1)
+            net += ex.forward(pos, T)
         except NodeFailure as err:
             self.broken = str(err)
             raise DllamaError(f"worker failure: {err}") from None

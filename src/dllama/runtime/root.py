@@ -44,10 +44,15 @@ class Root:
         if note:
             self.log(note)
         self.max_batch = max(1, min(max_batch, self.max_seq))
+
+        def layer_tensor(layer: int, name: str):
+            v = self.plan.slice(share, name, model.layer(layer, name))
+            return v if self.plan.n_nodes == 1 else v.packed_copy()  # see TensorView.packed_copy
+
         self.engine = NodeEngine(
             cfg,
             share,
-            lambda layer, name: self.plan.slice(share, name, model.layer(layer, name)),
+            layer_tensor,
             model.output,
             model.output_norm,
             max_seq=self.max_seq,

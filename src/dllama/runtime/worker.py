@@ -99,7 +99,7 @@ class WorkerSession:
         if model.config.n_layers != plan.cfg.n_layers or model.config.dim != plan.cfg.dim:
             raise P.ProtocolError("local model does not match the root's model")
         self.tensors = {
-            (layer, name): plan.slice(share, name, model.layer(layer, name))
+            (layer, name): plan.slice(share, name, model.layer(layer, name)).packed_copy()
             for layer in range(plan.cfg.n_layers)
             for name in LAYER_TENSORS
         }
@@ -148,7 +148,7 @@ class WorkerSession:
             max_seq=s["max_seq"], max_batch=s["max_batch"], nthreads=self.server.nthreads,
         )  # fmt: skip
         links = self._links = self._mesh(s)
-        ex = Exchange(s["index"], links, plan.cfg.dim, s["max_batch"], s["buffer_type"], timeout=DATA_TIMEOUT)
+        ex = Exchange(engine, s["index"], links, s["buffer_type"], timeout=DATA_TIMEOUT)
         plan_id = hashlib.sha256(raw).hexdigest()
         P.send_json(root, P.READY, {"weight_bytes": engine.weight_bytes, "plan_id": plan_id})
         self.log(
@@ -185,11 +185,7 @@ class WorkerSession:
             emb = TensorView(buf, P.FORWARD_S.size, etype, T, cfg.dim, rb)
             engine.x[:T] = emb.dequantize_rows(range(T))
             try:
-                for layer in range(cfg.n_layers):
-                    engine.attn(layer, pos, T)
-                    ex.allreduce(engine.out, engine.x, T, 2 * layer)
-                    engine.ffn(layer, T)
-                    ex.allreduce(engine.out, engine.x, T, 2 * layer + 1)
+                ex.forward(pos, T)
             except NodeFailure as e:
                 if e.node != 0:  # tell the root which peer failed before we leave
                     try:

@@ -5,7 +5,8 @@ Megatron-style, as in the original system: q, k, v, gate and up are split by out
 partial sum that is added across nodes. Each node owns whole KV groups (its KV heads and the query heads that
 read them) and the KV cache of those heads only. Norms are copied. The embedding and the output head stay on
 the root: the root then sends token embeddings (a few kB) instead of gathering logits slices (the largest
-message of the original), and the plan gives the root fewer feed-forward rows to pay for the head.
+message of the original). The head is not balanced against the layers: it runs after the last layer, when the
+workers would idle anyway, so shifting layer work off the root would only lengthen every layer's critical path.
 
 Any node count up to n_kv_heads works, even when it does not divide the model (3, 5, 6 nodes): shares are
 unequal whole heads / blocks. `weights` gives faster nodes a larger share. N=1 is the same code.
@@ -90,17 +91,13 @@ class SplitPlan:
             raise DllamaError(f"--weights needs {n_nodes} positive numbers (one per node, root first)")
         total_w = sum(weights)
         kv = _apportion(cfg.n_kv_heads, weights, minimum=1)
-        # balance whole-node work (weights read per token): attention is coarse (whole KV groups), the
-        # feed-forward fills each node up to its target; the root also carries the output head
-        d, L = cfg.dim, cfg.n_layers
-        attn_per_kv = L * d * cfg.head_dim * (2 * cfg.group + 2)
-        ffn_per_unit = L * 3 * d * FFN_UNIT
-        head = cfg.vocab_size * d
-        total = cfg.n_kv_heads * attn_per_kv + cfg.hidden_dim // FFN_UNIT * ffn_per_unit + head
-        want = [
-            max(0.0, total * w / total_w - kv[i] * attn_per_kv - (head if i == 0 else 0))
-            for i, w in enumerate(weights)
-        ]
+        # balance each layer's work (weights read per token): attention is coarse (whole KV groups), the
+        # feed-forward fills each node up to its share
+        d = cfg.dim
+        attn_per_kv = d * cfg.head_dim * (2 * cfg.group + 2)
+        ffn_per_unit = 3 * d * FFN_UNIT
+        total = cfg.n_kv_heads * attn_per_kv + cfg.hidden_dim // FFN_UNIT * ffn_per_unit
+        want = [max(0.0, total * w / total_w - kv[i] * attn_per_kv) for i, w in enumerate(weights)]
         units = _apportion(cfg.hidden_dim // FFN_UNIT, want if sum(want) > 0 else weights)
         nodes, kv0, f0 = [], 0, 0
         for i in range(n_nodes):

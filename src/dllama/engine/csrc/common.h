@@ -107,6 +107,8 @@ void accumulate_q80(float *dst, const block_q8_0 *src, int n); /* dst += dequant
 
 /* one weight row (n elements) dot one activation row */
 float vec_dot(int type, const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n);
+/* 4 activation rows (xstride blocks apart) at once, quantized weight types only */
+void vec_dot4(int type, const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out);
 float dot_f32(const float *a, const float *b, int n);
 void axpy_f32(float *y, float a, const float *x, int n); /* y += a * x */
 

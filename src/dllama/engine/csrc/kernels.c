@@ -265,6 +265,46 @@ static float dot_f32_avx(const float *a, const float *b, int n) {
     for (; i < n; i++) r += a[i] * b[i];
     return r;
 }
+/* 4 activation rows at once for prompt batches: each weight block is loaded and unpacked once, then
+ * dotted with 4 rows (out[i] = W . x[i]); activation rows are `xstride` blocks apart. */
+static void dot4_q4x_avx(int type, const uint8_t *w, const block_q8_0 *x, const float *xs, int xstride, int nb,
+                         float *out, int vnni) {
+    const int q41 = type == T_Q4_1;
+    const size_t bsize = q41 ? sizeof(block_q4_1) : sizeof(block_q4_0);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float corr[4] = {0, 0, 0, 0};
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * bsize;
+        uint16_t dh, mh = 0;
+        memcpy(&dh, blk, 2);
+        if (q41) memcpy(&mh, blk + 2, 2);
+        const float dw = _cvtsh_ss(dh), c = q41 ? _cvtsh_ss(mh) : -8.0f * dw;
+        const __m256i wq = unpack_nibbles(blk + (q41 ? 4 : 2));
+        for (int i = 0; i < 4; i++) {
+            const block_q8_0 *xb = x + (size_t)i * xstride + b;
+            const __m256i p = dot_us8(wq, _mm256_loadu_si256((const __m256i *)xb->qs), vnni);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(xb->d)), acc[i]);
+            corr[i] += c * xs[(size_t)i * xstride + b];
+        }
+    }
+    for (int i = 0; i < 4; i++) out[i] = hsum256(acc[i]) + corr[i];
+}
+
+static void dot4_q80_avx(const block_q8_0 *w, const block_q8_0 *x, int xstride, int nb, float *out, int vnni) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < nb; b++) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)w[b].qs);
+        const __m256i wa = _mm256_sign_epi8(wv, wv);
+        const float dw = _cvtsh_ss(w[b].d);
+        for (int i = 0; i < 4; i++) {
+            const block_q8_0 *xb = x + (size_t)i * xstride + b;
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);
+            const __m256i p = dot_us8(wa, _mm256_sign_epi8(xv, wv), vnni);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(xb->d)), acc[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) out[i] = hsum256(acc[i]);
+}
 #endif
 
 /* ---- NEON ---- */
@@ -393,4 +433,18 @@ void rope_rows(float *x, int n_heads, int head_dim, const float *cos_t, const fl
 
 void silu_mul(float *g, const float *u, int n) {
     for (int i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* out[i] = W . x[i] for 4 activation rows (quantized weight types); falls back to 4 single dots */
+void vec_dot4(int type, const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out) {
+    const int nb = n / QK;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    if (g_simd >= SIMD_AVX2) {
+        const int vnni = g_simd == SIMD_AVX512VNNI;
+        if (type == T_Q8_0) dot4_q80_avx((const block_q8_0 *)w, xq, xstride, nb, out, vnni);
+        else dot4_q4x_avx(type, (const uint8_t *)w, xq, xs, xstride, nb, out, vnni);
+        return;
+    }
+#endif
+    for (int i = 0; i < 4; i++) out[i] = vec_dot(type, w, xq + (size_t)i * xstride, xs + (size_t)i * xstride, NULL, n);
 }

@@ -6,8 +6,12 @@
  * the logits are NumPy arrays owned by Python, so synchronisation code can read and write them in place. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <math.h>
+#include <poll.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <time.h>
 
 #include "common.h"
 
@@ -33,6 +37,17 @@ typedef struct {
     float *scratch;        /* [nthreads][max_seq] attention scores */
     float *x, *out, *logits; /* Python-owned: [B][dim], [B][dim], [vocab] */
     pool *pool;
+    /* cluster links for the all-reduce (see exchange()) */
+    int n_links, self_index, fmt, timeout_ms;
+    int *fds, *link_index; /* [n_links] socket fds (non-blocking) and the node index behind each */
+    uint8_t *sbuf;         /* [8 + 4 + B*row] our frame */
+    uint8_t *rbuf;         /* [n_links][8 + 4 + B*row] peers' frames */
+    float *acc;            /* [B][dim] sum in node order */
+    size_t frame_cap;
+    double net_s;          /* seconds spent in exchanges (waiting on peers) */
+    /* failure details of the last forward_cluster */
+    int fail_link, fail_errno;
+    size_t fail_got;
 } Engine;
 
 static int hold_buffer(Engine *e, PyObject *obj, int writable, Py_buffer **out) {
@@ -57,6 +72,7 @@ static void Engine_dealloc(Engine *e) {
     free(e->lt);
     free(e->kc); free(e->vc); free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb);
     free(e->xq); free(e->xs); free(e->scratch);
+    free(e->fds); free(e->link_index); free(e->sbuf); free(e->rbuf); free(e->acc);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -273,6 +289,206 @@ static PyObject *Engine_logits(Engine *e, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+/* ================================ cluster all-reduce ================================
+ * The same frames as dllama.net.protocol: header <2sBBI (b"DL", type PARTIAL=10, flags 0, length) + u32 sync
+ * step + T rows of this node's partial sum (Q8_0 blocks or f32). Sent to every peer and received from every
+ * peer in one poll() loop (no deadlock on full socket buffers, no spinning); then every node adds all partials,
+ * its own quantized one included, in node order, so the residual stream is bit-identical on every node. */
+enum { XC_OK = 0, XC_TIMEOUT = 1, XC_CLOSED = 2, XC_BADFRAME = 3, XC_SOCKERR = 4 };
+#define FRAME_HEAD 12
+#define MSG_PARTIAL 10
+
+static size_t sync_row_bytes(const Engine *e) {
+    return e->fmt == 0 ? (size_t)e->dim / QK * sizeof(block_q8_0) : (size_t)e->dim * 4;
+}
+
+static double mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int check_head(const uint8_t *h, size_t total) {
+    uint32_t len;
+    memcpy(&len, h + 4, 4);
+    return h[0] == 'D' && h[1] == 'L' && h[2] == MSG_PARTIAL && h[3] == 0 && len == total - 8;
+}
+
+static int exchange(Engine *e, int T, uint32_t step) {
+    const size_t row = sync_row_bytes(e), total = FRAME_HEAD + (size_t)T * row;
+    const uint32_t len = (uint32_t)(total - 8);
+    uint8_t *s = e->sbuf;
+    s[0] = 'D'; s[1] = 'L'; s[2] = MSG_PARTIAL; s[3] = 0;
+    memcpy(s + 4, &len, 4);
+    memcpy(s + 8, &step, 4);
+    if (e->fmt == 0) quantize_row_q80(e->out, (block_q8_0 *)(s + FRAME_HEAD), NULL, T * e->dim);
+    else memcpy(s + FRAME_HEAD, e->out, (size_t)T * e->dim * 4);
+    const double t0 = mono_s();
+    size_t sent[64], got[64];
+    struct pollfd pfd[64];
+    int pending = e->n_links;
+    for (int j = 0; j < e->n_links; j++) {
+        sent[j] = got[j] = 0;
+        ssize_t k = send(e->fds[j], s, total, MSG_NOSIGNAL);
+        if (k > 0) sent[j] = (size_t)k;
+        else if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            e->fail_link = j; e->fail_errno = errno;
+            return XC_SOCKERR;
+        }
+    }
+    while (pending) {
+        int np = 0, map[64];
+        for (int j = 0; j < e->n_links; j++) {
+            if (sent[j] >= total && got[j] >= total) continue;
+            pfd[np].fd = e->fds[j];
+            pfd[np].events = (short)((got[j] < total ? POLLIN : 0) | (sent[j] < total ? POLLOUT : 0));
+            pfd[np].revents = 0;
+            map[np++] = j;
+        }
+        const int r = poll(pfd, (nfds_t)np, e->timeout_ms);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            e->fail_link = map[0]; e->fail_errno = errno;
+            return XC_SOCKERR;
+        }
+        if (r == 0) {
+            e->fail_link = map[0];
+            for (int i = 0; i < np; i++) if (got[map[i]] < total) { e->fail_link = map[i]; break; }
+            return XC_TIMEOUT;
+        }
+        for (int i = 0; i < np; i++) {
+            const int j = map[i];
+            uint8_t *rb = e->rbuf + (size_t)j * e->frame_cap;
+            if ((pfd[i].revents & POLLOUT) && sent[j] < total) {
+                ssize_t k = send(e->fds[j], s + sent[j], total - sent[j], MSG_NOSIGNAL);
+                if (k > 0) sent[j] += (size_t)k;
+                else if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+                    e->fail_link = j; e->fail_errno = errno;
+                    return XC_SOCKERR;
+                }
+            }
+            if ((pfd[i].revents & (POLLIN | POLLHUP | POLLERR)) && got[j] < total) {
+                ssize_t k = recv(e->fds[j], rb + got[j], total - got[j], 0);
+                if (k == 0) {
+                    e->fail_link = j; e->fail_got = got[j];
+                    return got[j] >= 8 && !check_head(rb, total) ? XC_BADFRAME : XC_CLOSED;
+                }
+                if (k < 0) {
+                    if (errno == EAGAIN || errno == EWOULDBLOCK) continue;
+                    e->fail_link = j; e->fail_errno = errno; e->fail_got = got[j];
+                    return XC_SOCKERR;
+                }
+                const size_t before = got[j];
+                got[j] += (size_t)k;
+                if (before < 8 && got[j] >= 8 && !check_head(rb, total)) {
+                    e->fail_link = j; e->fail_got = got[j];
+                    return XC_BADFRAME;
+                }
+            }
+            if (sent[j] >= total && got[j] >= total) pending--;
+        }
+    }
+    e->net_s += mono_s() - t0;
+    for (int j = 0; j < e->n_links; j++) {
+        uint32_t st;
+        memcpy(&st, e->rbuf + (size_t)j * e->frame_cap + 8, 4);
+        if (st != step) {
+            e->fail_link = j; e->fail_got = total;
+            return XC_BADFRAME;
+        }
+    }
+    const size_t n = (size_t)T * e->dim;
+    memset(e->acc, 0, n * 4);
+    for (int node = 0; node <= e->n_links; node++) {
+        const uint8_t *payload = NULL;
+        if (node == e->self_index) payload = s + FRAME_HEAD;
+        else {
+            for (int j = 0; j < e->n_links; j++)
+                if (e->link_index[j] == node) payload = e->rbuf + (size_t)j * e->frame_cap + FRAME_HEAD;
+        }
+        if (e->fmt == 0) accumulate_q80(e->acc, (const block_q8_0 *)payload, (int)n);
+        else {
+            const float *p = (const float *)payload;
+            for (size_t i = 0; i < n; i++) e->acc[i] += p[i];
+        }
+    }
+    for (size_t i = 0; i < n; i++) e->x[i] += e->acc[i];
+    return XC_OK;
+}
+
+static PyObject *Engine_set_links(Engine *e, PyObject *args) {
+    PyObject *fds_o, *idx_o;
+    int self_index, fmt, timeout_ms;
+    if (!PyArg_ParseTuple(args, "OOiii", &fds_o, &idx_o, &self_index, &fmt, &timeout_ms)) return NULL;
+    const Py_ssize_t n = PySequence_Size(fds_o);
+    if (n < 1 || n > 63 || PySequence_Size(idx_o) != n || (fmt != 0 && fmt != 1) || self_index < 0 || self_index > n) {
+        PyErr_SetString(PyExc_ValueError, "set_links: bad arguments");
+        return NULL;
+    }
+    free(e->fds); free(e->link_index); free(e->sbuf); free(e->rbuf); free(e->acc);
+    e->n_links = (int)n;
+    e->self_index = self_index;
+    e->fmt = fmt;
+    e->timeout_ms = timeout_ms;
+    e->fds = (int *)calloc((size_t)n, sizeof(int));
+    e->link_index = (int *)calloc((size_t)n, sizeof(int));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *a = PySequence_GetItem(fds_o, i), *b = PySequence_GetItem(idx_o, i);
+        e->fds[i] = (int)PyLong_AsLong(a);
+        e->link_index[i] = (int)PyLong_AsLong(b);
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+    }
+    if (PyErr_Occurred()) return NULL;
+    e->frame_cap = FRAME_HEAD + (size_t)e->max_batch * sync_row_bytes(e);
+    e->sbuf = (uint8_t *)malloc(e->frame_cap);
+    e->rbuf = (uint8_t *)malloc(e->frame_cap * (size_t)n);
+    e->acc = (float *)malloc((size_t)e->max_batch * e->dim * 4);
+    if (!e->sbuf || !e->rbuf || !e->acc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* all layers over the cluster: returns None, or (code, link, errno, bytes_received, frame_head) on failure */
+static PyObject *Engine_forward_cluster(Engine *e, PyObject *args) {
+    int pos, T;
+    if (!PyArg_ParseTuple(args, "ii", &pos, &T) || check_pos(e, 0, pos, T) < 0) return NULL;
+    if (!e->n_links) {
+        PyErr_SetString(PyExc_RuntimeError, "forward_cluster: no links set");
+        return NULL;
+    }
+    int rc = XC_OK;
+    e->fail_link = -1; e->fail_errno = 0; e->fail_got = 0;
+    Py_BEGIN_ALLOW_THREADS for (int l = 0; l < e->n_layers && rc == XC_OK; l++) {
+        run_attn(e, l, pos, T);
+        rc = exchange(e, T, (uint32_t)(2 * l));
+        if (rc != XC_OK) break;
+        run_ffn(e, l, T);
+        rc = exchange(e, T, (uint32_t)(2 * l + 1));
+    }
+    Py_END_ALLOW_THREADS if (rc == XC_OK) Py_RETURN_NONE;
+    const uint8_t *rb = e->fail_link >= 0 ? e->rbuf + (size_t)e->fail_link * e->frame_cap : NULL;
+    const Py_ssize_t nh = rb ? (Py_ssize_t)(e->fail_got < 8 ? e->fail_got : 8) : 0;
+    return Py_BuildValue("iiiny#", rc, e->fail_link, e->fail_errno, (Py_ssize_t)e->fail_got, rb, nh);
+}
+
+/* the bytes after the 8-byte header that a failed exchange already received from link j (ERROR text) */
+static PyObject *Engine_received(Engine *e, PyObject *args) {
+    int j;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "in", &j, &n)) return NULL;
+    if (j < 0 || j >= e->n_links || n < 0 || (size_t)n > e->frame_cap) {
+        PyErr_SetString(PyExc_ValueError, "received: bad link or size");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)e->rbuf + (size_t)j * e->frame_cap, n);
+}
+
+static PyObject *Engine_take_net_s(Engine *e, PyObject *noargs) {
+    const double v = e->net_s;
+    e->net_s = 0;
+    return PyFloat_FromDouble(v);
+}
+
 static PyMethodDef Engine_methods[] = {
     {"set_tensor", (PyCFunction)Engine_set_tensor, METH_VARARGS,
      "set_tensor(layer, slot, buffer, offset, type, rows, cols, row_stride); layer -1 for global tensors"},
@@ -280,6 +496,12 @@ static PyMethodDef Engine_methods[] = {
     {"ffn", (PyCFunction)Engine_ffn, METH_VARARGS, "ffn(layer, T): out[:T] = partial feed-forward block"},
     {"forward", (PyCFunction)Engine_forward, METH_VARARGS, "forward(pos, T): all layers, single node"},
     {"logits", (PyCFunction)Engine_logits, METH_VARARGS, "logits(row): output head on x[row]"},
+    {"set_links", (PyCFunction)Engine_set_links, METH_VARARGS,
+     "set_links(fds, node_indices, self_index, fmt 0=q80 1=f32, timeout_ms)"},
+    {"forward_cluster", (PyCFunction)Engine_forward_cluster, METH_VARARGS,
+     "forward_cluster(pos, T): all layers with an all-reduce after each block; None or failure tuple"},
+    {"received", (PyCFunction)Engine_received, METH_VARARGS, "received(link, n): bytes a failed exchange got"},
+    {"take_net_s", (PyCFunction)Engine_take_net_s, METH_NOARGS, "seconds spent in exchanges since last call"},
     {NULL, NULL, 0, NULL},
 };
 

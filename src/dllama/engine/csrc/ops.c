@@ -28,9 +28,18 @@ static int chunk_rows(const pool *p, int total) {
 
 static inline void dot_rows(const act *a, const tensor *w, int r0, int r1, float *y, int ldy) {
     const int nb = a->cols / QK;
+    const int quant = type_is_quant(w->type);
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->stride;
-        for (int t = 0; t < a->T; t++) {
+        int t = 0;
+        if (quant) { /* prompt batches: one pass over the weight row serves 4 tokens */
+            for (; t + 4 <= a->T; t += 4) {
+                float o[4];
+                vec_dot4(w->type, row, a->xq + (size_t)t * nb, a->xs + (size_t)t * nb, nb, a->cols, o);
+                for (int i = 0; i < 4; i++) y[(size_t)(t + i) * ldy + r] = o[i];
+            }
+        }
+        for (; t < a->T; t++) {
             y[(size_t)t * ldy + r] = vec_dot(w->type, row, a->xq + (size_t)t * nb, a->xs + (size_t)t * nb,
                                               a->xf + (size_t)t * a->cols, a->cols);
         }
@@ -85,7 +94,16 @@ static void swiglu_task(void *varg, int chunk, int ith) {
     for (int r = start; r < end; r++) {
         const uint8_t *rg = m->wg->data + (size_t)r * m->wg->stride;
         const uint8_t *ru = m->wu->data + (size_t)r * m->wu->stride;
-        for (int t = 0; t < a->T; t++) {
+        int t = 0;
+        if (type_is_quant(m->wg->type) && type_is_quant(m->wu->type)) {
+            for (; t + 4 <= a->T; t += 4) {
+                float g[4], u[4];
+                vec_dot4(m->wg->type, rg, a->xq + (size_t)t * nb, a->xs + (size_t)t * nb, nb, a->cols, g);
+                vec_dot4(m->wu->type, ru, a->xq + (size_t)t * nb, a->xs + (size_t)t * nb, nb, a->cols, u);
+                for (int i = 0; i < 4; i++) m->g[(size_t)(t + i) * m->ldh + r] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            }
+        }
+        for (; t < a->T; t++) {
             const block_q8_0 *xq = a->xq + (size_t)t * nb;
             const float *xs = a->xs + (size_t)t * nb;
             const float *xf = a->xf + (size_t)t * a->cols;
