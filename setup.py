@@ -18,7 +18,7 @@ setup(
     ext_modules=[
         Extension(
             "dllama.engine._kernels",
-            sources=[f"{csrc}/{f}" for f in ("module.c", "kernels.c", "ops.c", "pool.c")],
+            sources=[f"{csrc}/{f}" for f in ("module.c", "kernels.c", "ops.c", "pool.c", "repack.c")],
             depends=[f"{csrc}/common.h"],
             extra_compile_args=flags,
             extra_link_args=["-pthread"],

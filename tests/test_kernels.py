@@ -72,11 +72,21 @@ def test_accumulate_q80():
     np.testing.assert_allclose(acc, 1 + ref.dequant(q, QT.Q8_0, 1, 256)[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.fixture(params=[True, False], ids=["repack", "no-repack"])
+def repack(request):
+    prev = K.set_repack(request.param)
+    yield request.param
+    K.set_repack(prev)
+
+
 @pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q4_0, QT.Q4_1, QT.Q8_0])
-@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("T", [1, 5, 9])
 @pytest.mark.parametrize("nthreads", [1, 2])
-def test_matmul_matches_reference(simd, qtype, T, nthreads):
-    rows, cols = 67, 320  # odd row count exercises chunk tails; 10 blocks exercises the 2-block unroll
+@pytest.mark.parametrize("rows", [64, 67])
+def test_matmul_matches_reference(simd, repack, qtype, T, nthreads, rows):
+    # 64 rows: Q4_0/Q4_1 take the 8-row repacked GEMV/GEMM path; 67 rows: the GGUF layout (chunk tails);
+    # T=9: two 4-token GEMM tiles + a tail; 10 blocks exercises the 2-block unroll
+    cols = 320
     w = rng(4).standard_normal((rows, cols)).astype(np.float32)
     x = rng(5).standard_normal((T, cols)).astype(np.float32)
     raw = quant_weights(w, qtype)

@@ -15,6 +15,22 @@
 
 #include "common.h"
 
+static int g_repack = 1; /* repack Q4_0/Q4_1 into 8-row groups at load (DLLAMA_NO_REPACK=1 or set_repack(0)) */
+
+/* a Q4_0/Q4_1 tensor with rows % 8 == 0 -> its 8-row repacked copy (malloc'ed), or NULL to keep the source */
+static uint8_t *maybe_repack(tensor *t) {
+    if (!g_repack || (t->type != T_Q4_0 && t->type != T_Q4_1) || t->rows % 8 || t->rows == 0) return NULL;
+    const int xt = t->type == T_Q4_0 ? T_Q4_0_X8 : T_Q4_1_X8;
+    const size_t group = (size_t)(t->cols / QK) * x8_block_bytes(xt);
+    uint8_t *dst = (uint8_t *)malloc(group * (size_t)(t->rows / 8));
+    if (!dst) return NULL;
+    repack_x8(t->type, t->data, t->stride, t->rows, t->cols, dst);
+    t->type = xt;
+    t->data = dst;
+    t->stride = group;
+    return dst;
+}
+
 enum { S_ATTN_NORM, S_Q, S_K, S_V, S_O, S_FFN_NORM, S_GATE, S_UP, S_DOWN, N_LAYER_SLOTS };
 enum { S_OUT_NORM = 0, S_OUTPUT = 1, N_GLOBAL_SLOTS };
 
@@ -45,6 +61,8 @@ typedef struct {
     float *acc;            /* [B][dim] sum in node order */
     size_t frame_cap;
     double net_s;          /* seconds spent in exchanges (waiting on peers) */
+    void **owned;          /* repacked weight buffers this engine allocated */
+    int n_owned;
     /* failure details of the last forward_cluster */
     int fail_link, fail_errno;
     size_t fail_got;
@@ -73,6 +91,8 @@ static void Engine_dealloc(Engine *e) {
     free(e->kc); free(e->vc); free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb);
     free(e->xq); free(e->xs); free(e->scratch);
     free(e->fds); free(e->link_index); free(e->sbuf); free(e->rbuf); free(e->acc);
+    for (int i = 0; i < e->n_owned; i++) free(e->owned[i]);
+    free(e->owned);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -168,6 +188,14 @@ static PyObject *Engine_set_tensor(Engine *e, PyObject *args) {
     t->type = type;
     t->rows = rows;
     t->cols = cols;
+    uint8_t *own = maybe_repack(t);
+    if (own) { /* the repacked copy replaces the source: let Python free it */
+        void **no = (void **)realloc(e->owned, sizeof(void *) * (size_t)(e->n_owned + 1));
+        if (!no) { free(own); return PyErr_NoMemory(); }
+        e->owned = no;
+        e->owned[e->n_owned++] = own;
+        PyBuffer_Release(&e->held[--e->n_held]);
+    }
     Py_RETURN_NONE;
 bad:
     PyErr_SetString(PyExc_IndexError, "set_tensor: bad layer or slot");
@@ -588,13 +616,15 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         block_q8_0 *xq = (block_q8_0 *)malloc(sizeof(block_q8_0) * (size_t)T * (nb ? nb : 1));
         float *xs = (float *)malloc(sizeof(float) * (size_t)T * (nb ? nb : 1));
         pool *p = pool_create(nthreads);
+        tensor t = {(const uint8_t *)w.buf, (size_t)stride, type, rows, cols};
+        uint8_t *own = maybe_repack(&t);
         Py_BEGIN_ALLOW_THREADS act a;
         act_prepare(&a, (const float *)x.buf, T, cols, xq, xs, type_is_quant(type));
-        tensor t = {(const uint8_t *)w.buf, (size_t)stride, type, rows, cols};
         float *const yy[1] = {(float *)y.buf};
         const int ld[1] = {rows};
         matmul(p, &a, 1, &t, yy, ld);
         Py_END_ALLOW_THREADS pool_destroy(p);
+        free(own);
         free(xq);
         free(xs);
         res = Py_None;
@@ -700,6 +730,14 @@ static PyObject *py_set_simd(PyObject *self, PyObject *args) {
     return PyLong_FromLong(prev);
 }
 
+static PyObject *py_set_repack(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    const int prev = g_repack;
+    g_repack = on;
+    return PyBool_FromLong(prev);
+}
+
 static PyObject *py_simd_info(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("{s:i,s:s,s:i,s:s}", "level", g_simd, "name", simd_name(g_simd), "best", simd_best(), "best_name",
                          simd_name(simd_best()));
@@ -716,6 +754,7 @@ static PyMethodDef module_methods[] = {
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(g, u): g = silu(g) * u"},
     {"set_simd", py_set_simd, METH_VARARGS, "set_simd(level) -> previous level"},
     {"simd_info", py_simd_info, METH_NOARGS, "active and best SIMD level"},
+    {"set_repack", py_set_repack, METH_VARARGS, "set_repack(on) -> previous: 8-row repacking of Q4_0/Q4_1 at load"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -723,6 +762,8 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_kernels", "dllam
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     g_simd = simd_best();
+    const char *nr = getenv("DLLAMA_NO_REPACK");
+    if (nr && *nr && *nr != '0') g_repack = 0;
     if (PyType_Ready(&EngineType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;

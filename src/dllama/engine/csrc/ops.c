@@ -17,17 +17,21 @@ void act_prepare(act *a, const float *x, int T, int cols, block_q8_0 *qbuf, floa
     }
 }
 
-/* rows per chunk: ~8 chunks per thread for balance, whole groups of 4 rows */
+/* rows per chunk: ~8 chunks per thread for balance, whole groups of 8 rows (the repacked layout's unit) */
 static int chunk_rows(const pool *p, int total) {
     const int nth = pool_size(p);
-    if (nth == 1) return total > 0 ? total : 1;
+    if (nth == 1) return total > 0 ? (total + 7) & ~7 : 8;
     int ch = (total + nth * 8 - 1) / (nth * 8);
-    ch = (ch + 3) & ~3;
-    return ch < 4 ? 4 : ch;
+    ch = (ch + 7) & ~7;
+    return ch < 8 ? 8 : ch;
 }
 
 static inline void dot_rows(const act *a, const tensor *w, int r0, int r1, float *y, int ldy) {
     const int nb = a->cols / QK;
+    if (type_is_x8(w->type)) { /* r0 is a multiple of 8 (chunks are), rows % 8 == 0 (repack condition) */
+        for (int g = r0 / 8; g < (r1 + 7) / 8; g++) gemm_x8(w->type, w->data + (size_t)g * w->stride, nb, a->xq, a->xs, nb, a->T, y + 8 * g, ldy);
+        return;
+    }
     const int quant = type_is_quant(w->type);
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w->data + (size_t)r * w->stride;
@@ -52,29 +56,31 @@ typedef struct {
     const tensor *w;
     float *const *y;
     const int *ldy;
-    int total, ch;
+    int ch;
+    int first[4]; /* first chunk index of each job: chunks never straddle two jobs, so each starts 8-aligned */
 } mm_args;
 
 static void mm_task(void *varg, int chunk, int ith) {
     const mm_args *m = (const mm_args *)varg;
     (void)ith;
-    const int start = chunk * m->ch;
-    const int end = start + m->ch < m->total ? start + m->ch : m->total;
-    int base = 0;
-    for (int j = 0; j < m->njobs && start < end; j++) {
-        const int rows = m->w[j].rows;
-        const int lo = start > base ? start - base : 0;
-        const int hi = end - base < rows ? end - base : rows;
-        if (lo < hi) dot_rows(m->a, &m->w[j], lo, hi, m->y[j], m->ldy[j]);
-        base += rows;
-    }
+    int j = 0;
+    while (j + 1 < m->njobs && chunk >= m->first[j + 1]) j++;
+    const int start = (chunk - m->first[j]) * m->ch;
+    const int end = start + m->ch < m->w[j].rows ? start + m->ch : m->w[j].rows;
+    if (start < end) dot_rows(m->a, &m->w[j], start, end, m->y[j], m->ldy[j]);
 }
 
 void matmul(pool *p, const act *a, int njobs, const tensor *w, float *const *y, const int *ldy) {
-    mm_args m = {a, njobs, w, y, ldy, 0, 0};
-    for (int j = 0; j < njobs; j++) m.total += w[j].rows;
-    m.ch = chunk_rows(p, m.total);
-    pool_run(p, mm_task, &m, (m.total + m.ch - 1) / m.ch);
+    mm_args m = {a, njobs, w, y, ldy, 0, {0}};
+    int total = 0;
+    for (int j = 0; j < njobs; j++) total += w[j].rows;
+    m.ch = chunk_rows(p, total);
+    int n = 0;
+    for (int j = 0; j < njobs; j++) {
+        m.first[j] = n;
+        n += (w[j].rows + m.ch - 1) / m.ch;
+    }
+    pool_run(p, mm_task, &m, n);
 }
 
 typedef struct {
@@ -91,6 +97,25 @@ static void swiglu_task(void *varg, int chunk, int ith) {
     (void)ith;
     const int start = chunk * m->ch;
     const int end = start + m->ch < m->wg->rows ? start + m->ch : m->wg->rows;
+    if (type_is_x8(m->wg->type) && type_is_x8(m->wu->type)) {
+        float u[16 * 8]; /* [16 tokens][8 rows] of `up` for one group */
+        for (int g = start / 8; g < (end + 7) / 8; g++) {
+            for (int t0 = 0; t0 < a->T; t0 += 16) {
+                const int tb = a->T - t0 < 16 ? a->T - t0 : 16;
+                const block_q8_0 *xq = a->xq + (size_t)t0 * nb;
+                const float *xs = a->xs + (size_t)t0 * nb;
+                float *gy = m->g + (size_t)t0 * m->ldh + 8 * g;
+                gemm_x8(m->wg->type, m->wg->data + (size_t)g * m->wg->stride, nb, xq, xs, nb, tb, gy, m->ldh);
+                gemm_x8(m->wu->type, m->wu->data + (size_t)g * m->wu->stride, nb, xq, xs, nb, tb, u, 8);
+                for (int t = 0; t < tb; t++)
+                    for (int i = 0; i < 8; i++) {
+                        float *gv = gy + (size_t)t * m->ldh + i;
+                        *gv = *gv / (1.0f + expf(-*gv)) * u[t * 8 + i];
+                    }
+            }
+        }
+        return;
+    }
     for (int r = start; r < end; r++) {
         const uint8_t *rg = m->wg->data + (size_t)r * m->wg->stride;
         const uint8_t *ru = m->wu->data + (size_t)r * m->wu->stride;
