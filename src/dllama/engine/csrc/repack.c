@@ -39,13 +39,13 @@ void repack_x8(int type, const uint8_t *src, size_t stride, int rows, int cols, 
     _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
 #endif
 
-/* y[t*ldy + 0..7] = the 8 rows of one group . x[t] for NT (1..4) tokens */
+/* y[t*ldy + 0..7] = the 8 rows of one group . x[t] for NT (1..8) tokens */
 static inline void gemm_x8_tokens(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs,
                                   int xstride, float *y, int ldy, const int NT, int vnni) {
     const int q41 = type == T_Q4_1_X8;
     const size_t hd = q41 ? 32 : 16, xb = hd + 128;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc[4], corr[4];
+    __m256 acc[8], corr[8];
     for (int t = 0; t < NT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = grp + (size_t)b * xb;
@@ -115,6 +115,8 @@ void gemm_x8(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const f
     if (g_simd >= SIMD_AVX2) {
         const int vnni = g_simd == SIMD_AVX512VNNI;
         int t = 0;
+        for (; t + 8 <= T; t += 8)
+            gemm_x8_tokens(type, grp, nb, xq + (size_t)t * xstride, xs + (size_t)t * xstride, xstride, y + (size_t)t * ldy, ldy, 8, vnni);
         for (; t + 4 <= T; t += 4)
             gemm_x8_tokens(type, grp, nb, xq + (size_t)t * xstride, xs + (size_t)t * xstride, xstride, y + (size_t)t * ldy, ldy, 4, vnni);
         for (; t < T; t++)
