@@ -16,7 +16,7 @@ import pytest
 
 from dllama.model.gguf_model import GGUFModel
 from dllama.net.exchange import row_bytes
-from dllama.net.protocol import FORWARD_S, HEADER, PARTIAL_S
+from dllama.net.protocol import ARGMAX_S, FORWARD_S, HEADER, PARTIAL_S
 from dllama.runtime.root import Root
 from dllama.runtime.session import Session
 from dllama.sampling.sampler import Sampler
@@ -156,8 +156,9 @@ def test_bytes_per_token_match_the_formula(default_model, workers, buffer_type):
     n_workers, L = 2, cfg.n_layers
     sync = HEADER.size + PARTIAL_S.size + row_bytes(buffer_type, cfg.dim)  # one partial sum message
     forward = HEADER.size + FORWARD_S.size + m.embedding.row_bytes  # control + the token's embedding row
+    best = HEADER.size + ARGMAX_S.size  # greedy: each worker returns its best (logit, id) of its head rows
     assert all(st.sent == n_workers * (forward + 2 * L * sync) for st in steps), [st.sent for st in steps]
-    assert all(st.recv == n_workers * 2 * L * sync for st in steps)
+    assert all(st.recv == n_workers * (2 * L * sync + best) for st in steps), [st.recv for st in steps]
     print(f"3 nodes {buffer_type}: root sent {steps[0].sent} B, received {steps[0].recv} B per token")
 
 

@@ -16,8 +16,17 @@ from dllama.model.synthetic import (
     write_synthetic_gguf,
 )
 
-LAYER_TENSORS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                 "ffn_down"]
+LAYER_TENSORS = [
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+]
 
 
 def _read(path):
@@ -36,16 +45,19 @@ def _sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-@pytest.mark.parametrize("weight_type,qtype", [("q4_0", QT.Q4_0), ("q4_1", QT.Q4_1), ("q8_0", QT.Q8_0),
-                                               ("f16", QT.F16), ("f32", QT.F32)])
+@pytest.mark.parametrize(
+    "weight_type,qtype",
+    [("q4_0", QT.Q4_0), ("q4_1", QT.Q4_1), ("q8_0", QT.Q8_0), ("f16", QT.F16), ("f32", QT.F32)],
+)
 def test_tiny_metadata_types_and_shapes(tmp_path, weight_type, qtype):
     s = SHAPES["tiny"]
     path = write_synthetic_gguf(tmp_path / "m.gguf", **s, weight_type=weight_type, name="t")
     assert path == str(tmp_path / "m.gguf") and not (tmp_path / "m.gguf.tmp").exists()
     f, t = _read(path)
     assert f["general.architecture"] == "llama" and f["general.name"] == "t"
-    dim, hid, nl, nh, nkv, vocab = (s[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
-                                                   "vocab_size"))
+    dim, hid, nl, nh, nkv, vocab = (
+        s[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+    )
     hd = dim // nh
     assert f["llama.block_count"] == nl
     assert f["llama.context_length"] == 2048
@@ -59,13 +71,23 @@ def test_tiny_metadata_types_and_shapes(tmp_path, weight_type, qtype):
     assert f["llama.vocab_size"] == vocab
     assert "llama.attention.key_length" not in f  # head_dim is the default dim / n_heads
 
-    expected = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "output.weight": (vocab, dim)}
+    expected = {
+        "token_embd.weight": (vocab, dim),
+        "output_norm.weight": (dim,),
+        "output.weight": (vocab, dim),
+    }
     for i in range(nl):
-        expected |= {f"blk.{i}.attn_norm.weight": (dim,), f"blk.{i}.ffn_norm.weight": (dim,),
-                     f"blk.{i}.attn_q.weight": (nh * hd, dim), f"blk.{i}.attn_k.weight": (nkv * hd, dim),
-                     f"blk.{i}.attn_v.weight": (nkv * hd, dim), f"blk.{i}.attn_output.weight": (dim, nh * hd),
-                     f"blk.{i}.ffn_gate.weight": (hid, dim), f"blk.{i}.ffn_up.weight": (hid, dim),
-                     f"blk.{i}.ffn_down.weight": (dim, hid)}
+        expected |= {
+            f"blk.{i}.attn_norm.weight": (dim,),
+            f"blk.{i}.ffn_norm.weight": (dim,),
+            f"blk.{i}.attn_q.weight": (nh * hd, dim),
+            f"blk.{i}.attn_k.weight": (nkv * hd, dim),
+            f"blk.{i}.attn_v.weight": (nkv * hd, dim),
+            f"blk.{i}.attn_output.weight": (dim, nh * hd),
+            f"blk.{i}.ffn_gate.weight": (hid, dim),
+            f"blk.{i}.ffn_up.weight": (hid, dim),
+            f"blk.{i}.ffn_down.weight": (dim, hid),
+        }
     assert set(t) == set(expected)
     for name, shape in expected.items():
         assert tuple(int(n) for n in t[name].shape[::-1]) == shape, name  # GGUF ne order is [in, out]
@@ -74,9 +96,20 @@ def test_tiny_metadata_types_and_shapes(tmp_path, weight_type, qtype):
 
 
 def test_head_dim_rope_and_tied(tmp_path):
-    path = write_synthetic_gguf(tmp_path / "m.gguf", dim=128, hidden_dim=256, n_layers=1, n_heads=4, n_kv_heads=1,
-                                head_dim=64, vocab_size=300, rope_base=500000.0, norm_eps=1e-6,
-                                context_length=512, tied=True)
+    path = write_synthetic_gguf(
+        tmp_path / "m.gguf",
+        dim=128,
+        hidden_dim=256,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=64,
+        vocab_size=300,
+        rope_base=500000.0,
+        norm_eps=1e-6,
+        context_length=512,
+        tied=True,
+    )
     f, t = _read(path)
     assert f["llama.attention.key_length"] == f["llama.attention.value_length"] == 64
     assert f["llama.rope.dimension_count"] == 64
@@ -135,7 +168,9 @@ def _forward_logits(path, ids):
     """Minimal NumPy llama forward (no RoPE: enough to see that activations stay sane through the layers)."""
     f, t = _read(path)
     w = {k: _weights(v).astype(np.float32) for k, v in t.items()}
-    nl, nh, nkv = (f[f"llama.{k}"] for k in ("block_count", "attention.head_count", "attention.head_count_kv"))
+    nl, nh, nkv = (
+        f[f"llama.{k}"] for k in ("block_count", "attention.head_count", "attention.head_count_kv")
+    )
     eps = f["llama.attention.layer_norm_rms_epsilon"]
 
     def norm(x, g):

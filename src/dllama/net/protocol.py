@@ -30,10 +30,12 @@ MAGIC = b"DL"
 HEADER = struct.Struct("<2sBBI")
 
 # message types
-HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, SETUP, TENSOR, READY, FORWARD, PARTIAL, STOP, ABORT = range(1, 13)
+HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, SETUP, TENSOR, READY, FORWARD, PARTIAL, STOP, ABORT, LOGITS = range(
+    1, 14
+)
 NAMES = {v: k for k, v in dict(
     HELLO=HELLO, CHALLENGE=CHALLENGE, AUTH=AUTH, AUTH_OK=AUTH_OK, ERROR=ERROR, SETUP=SETUP, TENSOR=TENSOR,
-    READY=READY, FORWARD=FORWARD, PARTIAL=PARTIAL, STOP=STOP, ABORT=ABORT,
+    READY=READY, FORWARD=FORWARD, PARTIAL=PARTIAL, STOP=STOP, ABORT=ABORT, LOGITS=LOGITS,
 ).items()}  # fmt: skip
 
 ROLE_ROOT, ROLE_PEER = 1, 2
@@ -43,14 +45,18 @@ CHALLENGE_S = struct.Struct(
     "<H16s32s"
 )  # version, server nonce, sha256 of the worker's local model (or zeros)
 TENSOR_S = struct.Struct("<iiiii")  # layer (-1 global), slot, type, rows, cols; raw bytes follow
-FORWARD_S = struct.Struct("<IIi")  # pos, T, embedding type; T embedding rows follow
+FORWARD_S = struct.Struct(
+    "<IIii"
+)  # pos, T, embedding type, logits wanted (LOGITS_*); T embedding rows follow
+LOGITS_NONE, LOGITS_ARGMAX, LOGITS_FULL = 0, 1, 2  # nothing / (best logit, its id) / the f32 logits slice
+ARGMAX_S = struct.Struct("<fI")
 PARTIAL_S = struct.Struct("<I")  # sync step (2 * layer + 0/1); partial sums follow
 
 # payload limits per type (bytes); TENSOR / FORWARD / PARTIAL are further checked against exact expected sizes
 LIMITS = {
     HELLO: HELLO_S.size, CHALLENGE: CHALLENGE_S.size, AUTH: 32, AUTH_OK: 32, ERROR: 4096, SETUP: 1 << 20,
     TENSOR: TENSOR_S.size + (8 << 30), READY: 1 << 16, FORWARD: FORWARD_S.size + (1 << 30),
-    PARTIAL: PARTIAL_S.size + (1 << 30), STOP: 0, ABORT: 4096,
+    PARTIAL: PARTIAL_S.size + (1 << 30), STOP: 0, ABORT: 4096, LOGITS: 4 << 22,
 }  # fmt: skip
 
 

@@ -78,16 +78,16 @@ def decode_setup(obj: dict) -> dict:
     if not isinstance(nodes_raw, list) or not 2 <= len(nodes_raw) <= cfg.n_kv_heads:
         raise ProtocolError("SETUP: bad node list")
     nodes = []
-    kv_at, ffn_at = 0, 0
+    kv_at, ffn_at, vocab_at = 0, 0, 0
     for i, n in enumerate(nodes_raw):
         if not (isinstance(n, list) and len(n) == 6 and all(isinstance(v, int) and v >= 0 for v in n)):
             raise ProtocolError("SETUP: bad node share")
         k0, k1, f0, f1, v0, v1 = n
-        if k0 != kv_at or k1 <= k0 or f0 != ffn_at or f1 < f0 or f1 % 32 or v1 < v0 or v1 > cfg.vocab_size:
+        if k0 != kv_at or k1 <= k0 or f0 != ffn_at or f1 < f0 or f1 % 32 or v0 != vocab_at or v1 < v0:
             raise ProtocolError("SETUP: node shares do not tile the model")
         nodes.append(NodeShare(i, (k0, k1), (k0 * cfg.group, k1 * cfg.group), (f0, f1), (v0, v1)))
-        kv_at, ffn_at = k1, f1
-    if kv_at != cfg.n_kv_heads or ffn_at != cfg.hidden_dim:
+        kv_at, ffn_at, vocab_at = k1, f1, v1
+    if kv_at != cfg.n_kv_heads or ffn_at != cfg.hidden_dim or vocab_at != cfg.vocab_size:
         raise ProtocolError("SETUP: node shares do not cover the model")
     weights = obj.get("weights")
     if not isinstance(weights, list) or len(weights) != len(nodes):

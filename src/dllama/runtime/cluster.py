@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 from tqdm import tqdm
 
 from dllama.errors import DllamaError
@@ -33,6 +34,7 @@ class ClusterLinks:
         self.buffer_type = buffer_type
         self.broken: str | None = None
         self.exchange: Exchange | None = None
+        self.full_logits: np.ndarray | None = None
 
     # ---------------- setup ----------------
     @classmethod
@@ -110,6 +112,8 @@ class ClusterLinks:
                 for layer in range(root.cfg.n_layers)
                 for slot, name in enumerate(LAYER_TENSORS)
             ]
+            if share.vocab_rows:  # its rows of the output head, and the final norm
+                views += [(-1, 0, root.model.output_norm), (-1, 1, root.model.output.row_slice(*share.vocab))]
             jobs[i] = (conn, views)
         total = sum(v.nbytes for _, views in jobs.values() for *_, v in views)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"sending weights to {len(jobs)} worker(s)",
@@ -142,26 +146,35 @@ class ClusterLinks:
         root.log(f"weights sent: {total / 1e6:.1f} MB in {dt:.2f} s ({total / 1e6 / max(dt, 1e-9):.0f} MB/s)")
 
     # ---------------- per token ----------------
-    def forward(self, tokens: list[int], pos: int) -> None:
-        """Runs all layers over the cluster; the root's engine.x[:T] holds the embeddings on entry."""
+    def forward(self, tokens: list[int], pos: int, logits: str = "full"):
+        """Runs all layers over the cluster (the root's engine.x[:T] holds the embeddings on entry), then the
+        output head on every node; returns the vocab-sized logits (see Root.forward) or None."""
         if self.broken:
             raise DllamaError(f"cluster unavailable: {self.broken}")
         root, ex = self.root, self.exchange
+        mode = {"none": P.LOGITS_NONE, "argmax": P.LOGITS_ARGMAX, "full": P.LOGITS_FULL}[logits]
         T = len(tokens)
         emb = root.model.embedding
         rb = emb.row_bytes
-        payload = bytearray(P.FORWARD_S.pack(pos, T, emb.type))
+        payload = bytearray(P.FORWARD_S.pack(pos, T, emb.type, mode))
         for t in tokens:
             start = emb.offset + int(t) * emb.stride
             payload += emb.base[start : start + rb].tobytes()
         net = 0.0
         sent0, recv0 = ex.bytes_sent, ex.bytes_recv
+        received = 0
         try:
             t0 = time.perf_counter()
             for c in self.conns:
                 c.sendall(P.header(P.FORWARD, len(payload)) + payload)
             net += time.perf_counter() - t0
             net += ex.forward(pos, T)
+            out = None
+            if mode != P.LOGITS_NONE:
+                out = self._logits(T, mode)
+                t0 = time.perf_counter()
+                received = self._gather_logits(out, mode)
+                net += time.perf_counter() - t0
         except NodeFailure as err:
             self.broken = str(err)
             raise DllamaError(f"worker failure: {err}") from None
@@ -170,7 +183,40 @@ class ClusterLinks:
             raise DllamaError(f"worker failure: {err}") from None
         root.network_s += net
         root.bytes_sent += (P.HEADER.size + len(payload)) * len(self.conns) + ex.bytes_sent - sent0
-        root.bytes_recv += ex.bytes_recv - recv0
+        root.bytes_recv += ex.bytes_recv - recv0 + received
+        return out
+
+    def _logits(self, T: int, mode: int) -> np.ndarray:
+        root = self.root
+        share = root.plan.nodes[0]
+        if self.full_logits is None:
+            self.full_logits = np.empty(root.cfg.vocab_size, dtype=np.float32)  # [vocab]
+        if mode == P.LOGITS_ARGMAX:
+            self.full_logits.fill(-np.inf)
+        if share.vocab_rows:
+            self.full_logits[share.vocab[0] : share.vocab[1]] = root.engine.compute_logits(T - 1)[
+                : share.vocab_rows
+            ]
+        return self.full_logits
+
+    def _gather_logits(self, out: np.ndarray, mode: int) -> int:
+        received = 0
+        for i, conn in enumerate(self.conns, 1):
+            v0, v1 = self.root.plan.nodes[i].vocab
+            size = P.ARGMAX_S.size if mode == P.LOGITS_ARGMAX else 4 * (v1 - v0)
+            _, data = P.recv(conn, (P.LOGITS,), size)
+            if len(data) != size:
+                raise P.ProtocolError(f"{conn.name} sent {len(data)} bytes of logits, expected {size}")
+            received += P.HEADER.size + size
+            if mode == P.LOGITS_ARGMAX:
+                value, idx = P.ARGMAX_S.unpack(data)
+                if v0 <= idx < v1:
+                    out[idx] = value
+                elif v1 > v0:
+                    raise P.ProtocolError(f"{conn.name} sent a token id outside its slice")
+            else:
+                out[v0:v1] = np.frombuffer(data, dtype=np.float32)
+        return received
 
     def close(self) -> None:
         for c in self.conns:

@@ -45,15 +45,19 @@ class Root:
             self.log(note)
         self.max_batch = max(1, min(max_batch, self.max_seq))
 
+        def own(
+            v,
+        ):  # a node holding a slice reads it fastest from its own packed copy (TensorView.packed_copy)
+            return v if self.plan.n_nodes == 1 else v.packed_copy()
+
         def layer_tensor(layer: int, name: str):
-            v = self.plan.slice(share, name, model.layer(layer, name))
-            return v if self.plan.n_nodes == 1 else v.packed_copy()  # see TensorView.packed_copy
+            return own(self.plan.slice(share, name, model.layer(layer, name)))
 
         self.engine = NodeEngine(
             cfg,
             share,
             layer_tensor,
-            model.output,
+            own(model.output.row_slice(*share.vocab)),
             model.output_norm,
             max_seq=self.max_seq,
             max_batch=self.max_batch,
@@ -89,20 +93,20 @@ class Root:
     def n_nodes(self) -> int:
         return self.plan.n_nodes
 
-    def forward(self, tokens: list[int], pos: int) -> np.ndarray:
-        """Runs `tokens` at positions pos.. through the model; returns the logits of the last one."""
+    def forward(self, tokens: list[int], pos: int, logits: str = "full") -> np.ndarray | None:
+        """Runs `tokens` at positions pos.. through the model; returns the logits after the last one (vocab-sized).
+        logits="argmax" only promises the argmax entry (other nodes send just their best), "none" skips the head."""
         T = len(tokens)
         if T < 1 or T > self.max_batch or pos + T > self.max_seq:
             raise DllamaError(f"forward: {T} tokens at position {pos} exceed the context ({self.max_seq})")
-        e = self.engine
         if self._cluster_args[0] and self.cluster is None:
             raise DllamaError("cluster unavailable: the workers are not connected")
+        e = self.engine
         e.x[:T] = self.model.embed(tokens)
-        if self.cluster is None:
-            e.forward(pos, T)
-        else:
-            self.cluster.forward(tokens, pos)
-        return e.compute_logits(T - 1)
+        if self.cluster is not None:
+            return self.cluster.forward(tokens, pos, logits)
+        e.forward(pos, T)
+        return None if logits == "none" else e.compute_logits(T - 1)
 
     def close(self) -> None:
         if self.cluster is not None:

@@ -23,6 +23,7 @@ class Session:
         self.stats = Stats()
         self.finish_reason: str | None = None
         self.reused = 0  # prompt tokens served from the cache by the last prefill
+        self.logits_mode = "full"  # "argmax" when the sampler is greedy: workers then send only their best
 
     @property
     def max_seq(self) -> int:
@@ -38,7 +39,8 @@ class Session:
             chunk = ids[i : i + B]
             t0 = time.perf_counter()
             net0, s0, r0 = self.root.network_s, self.root.bytes_sent, self.root.bytes_recv
-            logits = self.root.forward(chunk, pos + i)
+            last = i + B >= len(ids)
+            logits = self.root.forward(chunk, pos + i, self.logits_mode if last else "none")
             total = time.perf_counter() - t0
             net = self.root.network_s - net0
             kind.append(
@@ -80,6 +82,7 @@ class Session:
         """Yields generated token ids (stop tokens are not yielded). Sets `finish_reason` to "stop",
         "length" or "cancelled"."""
         self.finish_reason = None
+        self.logits_mode = "argmax" if sampler.temperature == 0 else "full"
         logits = self.prefill(ids)
         stop_ids = frozenset(stop_ids)
         for n in range(max_new_tokens):

@@ -64,35 +64,36 @@ class WorkerSession:
         self.server.log(msg)
 
     # ---- setup ----
+    def _recv_tensor(self, layer: int, slot: int, name: str, rows: int, cols: int) -> TensorView:
+        """One TENSOR frame, which must be exactly the expected tensor: checked before allocating."""
+        mtype, length = P.parse_header(P.recv_exact(self.root, P.HEADER.size), (P.TENSOR,))
+        if mtype != P.TENSOR:  # the root sent ERROR / ABORT instead
+            raise P.RemoteError(P.decode_error(mtype, bytes(P.recv_exact(self.root, length))))
+        if length < P.TENSOR_S.size:
+            raise P.ProtocolError("TENSOR too short")
+        lay, sl, qtype, r, c = P.TENSOR_S.unpack(P.recv_exact(self.root, P.TENSOR_S.size))
+        if (lay, sl) != (layer, slot) or (r, c) != (rows, cols):
+            raise P.ProtocolError(f"unexpected tensor (layer {lay}, slot {sl}, {r}x{c}); wanted {name}")
+        allowed = {QT.F32} if rows == 1 and name.endswith("norm") else NATIVE_TYPES
+        if qtype not in [int(t) for t in allowed] or (qtype not in (QT.F32, QT.F16) and cols % 32):
+            raise P.ProtocolError(f"tensor type {qtype} not allowed for {name}")
+        nbytes = rows * row_bytes(qtype, cols)
+        if length != P.TENSOR_S.size + nbytes:
+            raise P.ProtocolError(f"TENSOR {name} has {length} bytes, expected {P.TENSOR_S.size + nbytes}")
+        data = np.empty(nbytes, dtype=np.uint8)
+        P.recv_exact(self.root, nbytes, memoryview(data))
+        return TensorView(data, 0, qtype, rows, cols, row_bytes(qtype, cols))
+
     def _receive_weights(self, plan, share) -> None:
         shapes = expected_shapes(plan, share)
-        self.tensors = {}
-        for layer in range(plan.cfg.n_layers):
-            for name in LAYER_TENSORS:
-                rows, cols = shapes[name]
-                mtype, length = P.parse_header(P.recv_exact(self.root, P.HEADER.size), (P.TENSOR,))
-                if mtype != P.TENSOR:  # the root sent ERROR / ABORT instead
-                    raise P.RemoteError(P.decode_error(mtype, bytes(P.recv_exact(self.root, length))))
-                if length < P.TENSOR_S.size:
-                    raise P.ProtocolError("TENSOR too short")
-                lay, slot, qtype, r, c = P.TENSOR_S.unpack(P.recv_exact(self.root, P.TENSOR_S.size))
-                if (lay, slot) != (layer, LAYER_TENSORS.index(name)) or (r, c) != (rows, cols):
-                    raise P.ProtocolError(
-                        f"unexpected tensor (layer {lay}, slot {slot}, {r}x{c}); wanted {name}"
-                    )
-                allowed = {QT.F32} if rows == 1 else NATIVE_TYPES
-                if qtype not in [int(t) for t in allowed] or (
-                    qtype != QT.F32 and qtype != QT.F16 and cols % 32
-                ):
-                    raise P.ProtocolError(f"tensor type {qtype} not allowed for {name}")
-                nbytes = rows * row_bytes(qtype, cols)
-                if length != P.TENSOR_S.size + nbytes:
-                    raise P.ProtocolError(
-                        f"TENSOR {name} has {length} bytes, expected {P.TENSOR_S.size + nbytes}"
-                    )
-                data = np.empty(nbytes, dtype=np.uint8)
-                P.recv_exact(self.root, nbytes, memoryview(data))
-                self.tensors[(layer, name)] = TensorView(data, 0, qtype, rows, cols, row_bytes(qtype, cols))
+        self.tensors = {
+            (layer, name): self._recv_tensor(layer, slot, name, *shapes[name])
+            for layer in range(plan.cfg.n_layers)
+            for slot, name in enumerate(LAYER_TENSORS)
+        }
+        if share.vocab_rows:  # the final norm and this node's rows of the output head
+            self.tensors[(-1, "output_norm")] = self._recv_tensor(-1, 0, "output_norm", 1, plan.cfg.dim)
+            self.tensors[(-1, "output")] = self._recv_tensor(-1, 1, "output", share.vocab_rows, plan.cfg.dim)
 
     def _load_local(self, plan, share) -> None:
         model = self.server.local_model()
@@ -103,6 +104,9 @@ class WorkerSession:
             for layer in range(plan.cfg.n_layers)
             for name in LAYER_TENSORS
         }
+        if share.vocab_rows:
+            self.tensors[(-1, "output_norm")] = model.output_norm
+            self.tensors[(-1, "output")] = model.output.row_slice(*share.vocab).packed_copy()
 
     def _mesh(self, s: dict) -> dict[int, Conn]:
         """Connections to every other node: the root's, ours to lower-indexed workers, theirs to us."""
@@ -144,9 +148,11 @@ class WorkerSession:
         else:
             self._receive_weights(plan, share)
         engine = NodeEngine(
-            plan.cfg, share, lambda layer, name: self.tensors[(layer, name)], None, None,
+            plan.cfg, share, lambda layer, name: self.tensors[(layer, name)],
+            self.tensors.get((-1, "output")), self.tensors.get((-1, "output_norm")),
             max_seq=s["max_seq"], max_batch=s["max_batch"], nthreads=self.server.nthreads,
         )  # fmt: skip
+        self.tensors = {}  # the engine holds what it needs (repacked copies or references)
         links = self._links = self._mesh(s)
         ex = Exchange(engine, s["index"], links, s["buffer_type"], timeout=DATA_TIMEOUT)
         plan_id = hashlib.sha256(raw).hexdigest()
@@ -174,11 +180,15 @@ class WorkerSession:
             if length < P.FORWARD_S.size or length > len(buf):
                 raise P.ProtocolError(f"FORWARD of {length} bytes")
             P.recv_exact(self.root, length, view)
-            pos, T, etype = P.FORWARD_S.unpack_from(buf)
-            if not (1 <= T <= s["max_batch"] and pos + T <= s["max_seq"]) or etype not in [
-                int(t) for t in NATIVE_TYPES
-            ]:
-                raise P.ProtocolError(f"bad FORWARD (pos {pos}, T {T}, type {etype})")
+            pos, T, etype, mode = P.FORWARD_S.unpack_from(buf)
+            native = [int(t) for t in NATIVE_TYPES]
+            modes = (P.LOGITS_NONE, P.LOGITS_ARGMAX, P.LOGITS_FULL)
+            if (
+                not (1 <= T <= s["max_batch"] and pos + T <= s["max_seq"])
+                or etype not in native
+                or mode not in modes
+            ):
+                raise P.ProtocolError(f"bad FORWARD (pos {pos}, T {T}, type {etype}, logits {mode})")
             rb = row_bytes(etype, cfg.dim)
             if length != P.FORWARD_S.size + T * rb:
                 raise P.ProtocolError("FORWARD payload size does not match T rows")
@@ -193,6 +203,25 @@ class WorkerSession:
                     except (OSError, DllamaError):
                         pass
                 raise
+            if mode != P.LOGITS_NONE:
+                self._send_logits(engine, s["share"], T, mode)
+
+    def _send_logits(self, engine: NodeEngine, share, T: int, mode: int) -> None:
+        """This node's slice of the output head: its best (logit, token id) or all its logits, f32."""
+        if mode == P.LOGITS_ARGMAX:
+            if share.vocab_rows:
+                logits = engine.compute_logits(T - 1)
+                i = int(np.argmax(logits[: share.vocab_rows]))
+                P.send(self.root, P.LOGITS, P.ARGMAX_S.pack(float(logits[i]), share.vocab[0] + i))
+            else:
+                P.send(self.root, P.LOGITS, P.ARGMAX_S.pack(float("-inf"), 0))
+        else:
+            data = (
+                engine.compute_logits(T - 1)[: share.vocab_rows]
+                if share.vocab_rows
+                else np.zeros(0, np.float32)
+            )
+            P.send(self.root, P.LOGITS, data.tobytes())
 
     def close(self) -> None:
         for c in self._links.values():

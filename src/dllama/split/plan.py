@@ -3,10 +3,10 @@
 Megatron-style, as in the original system: q, k, v, gate and up are split by output rows (whole heads, whole
 32-row blocks of the feed-forward), o and down by input columns, so each node's o / down result is a full-length
 partial sum that is added across nodes. Each node owns whole KV groups (its KV heads and the query heads that
-read them) and the KV cache of those heads only. Norms are copied. The embedding and the output head stay on
-the root: the root then sends token embeddings (a few kB) instead of gathering logits slices (the largest
-message of the original). The head is not balanced against the layers: it runs after the last layer, when the
-workers would idle anyway, so shifting layer work off the root would only lengthen every layer's critical path.
+read them) and the KV cache of those heads only. Norms are copied. The embedding stays on the root, which sends
+each token's embedding row (a few hundred bytes) instead of an f32 vector. The output head is split by vocabulary
+rows like the other row-split tensors; for greedy decoding each worker returns only its best (logit, id), for
+sampling its f32 logits slice.
 
 Any node count up to n_kv_heads works, even when it does not divide the model (3, 5, 6 nodes): shares are
 unequal whole heads / blocks. `weights` gives faster nodes a larger share. N=1 is the same code.
@@ -99,7 +99,11 @@ class SplitPlan:
         total = cfg.n_kv_heads * attn_per_kv + cfg.hidden_dim // FFN_UNIT * ffn_per_unit
         want = [max(0.0, total * w / total_w - kv[i] * attn_per_kv) for i, w in enumerate(weights)]
         units = _apportion(cfg.hidden_dim // FFN_UNIT, want if sum(want) > 0 else weights)
-        nodes, kv0, f0 = [], 0, 0
+        vocab = [8 * u for u in _apportion(cfg.vocab_size // 8, weights)]
+        vocab[-1] += (
+            cfg.vocab_size % 8
+        )  # whole groups of 8 rows (the repacked layout), the rest to the last node
+        nodes, kv0, f0, v0 = [], 0, 0, 0
         for i in range(n_nodes):
             f1 = f0 + units[i] * FFN_UNIT
             nodes.append(
@@ -108,10 +112,10 @@ class SplitPlan:
                     kv_heads=(kv0, kv0 + kv[i]),
                     heads=(kv0 * cfg.group, (kv0 + kv[i]) * cfg.group),
                     ffn=(f0, f1),
-                    vocab=(0, cfg.vocab_size) if i == 0 else (0, 0),
+                    vocab=(v0, v0 + vocab[i]),
                 )
             )
-            kv0, f0 = kv0 + kv[i], f1
+            kv0, f0, v0 = kv0 + kv[i], f1, v0 + vocab[i]
         return cls(cfg, tuple(weights), tuple(nodes))
 
     def slice(self, share: NodeShare, name: str, view: TensorView) -> TensorView:
