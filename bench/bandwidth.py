@@ -38,7 +38,9 @@ def measure_bandwidth(threads: int, size_gib: float = 2.0, repeats: int = 5) -> 
     parts = np.array_split(a, threads)
     best = 0.0
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(np.maximum.reduce, parts))  # warm-up: threads started, TLB and prefetchers in steady state
+        list(
+            pool.map(np.maximum.reduce, parts)
+        )  # warm-up: threads started, TLB and prefetchers in steady state
         for _ in range(repeats):
             t = time.perf_counter()
             list(pool.map(np.maximum.reduce, parts))
@@ -55,8 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'threads':>7}  {'GB/s':>6}")
     for th in a.threads:
         print(f"{th:>7}  {measure_bandwidth(th, a.gib, a.repeats):6.1f}", flush=True)
-    print(f"load average: {os.getloadavg()[0]:.2f} (other work on the machine lowers these numbers)",
-          file=sys.stderr)
+    print(
+        f"load average: {os.getloadavg()[0]:.2f} (other work on the machine lowers these numbers)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -89,11 +89,15 @@ def main() -> None:
             net.close()
     base = statistics.median(o["decode_tps"] for o in results["1 node x 2 thr"])
     print(f"\n1B-shape Q4_0, decode {a.n_decode} tokens, sync {bt}, medians of {a.rounds} rounds")
-    print(f"{'setup':<24} {'tok/s':>7} {'x 1 node':>8} {'network':>8} {'root sent':>10} {'root recv':>10}   original")
+    print(
+        f"{'setup':<24} {'tok/s':>7} {'x 1 node':>8} {'network':>8} {'root sent':>10} {'root recv':>10}   original"
+    )
     for s in setups:
         med = lambda k, s=s: statistics.median(o[k] for o in results[s])  # noqa: E731
-        print(f"{s:<24} {med('decode_tps'):>7.1f} {med('decode_tps') / base:>8.2f} {100 * med('network_share'):>7.1f}% "
-              f"{med('root_sent_per_token') / 1e3:>8.1f}kB {med('root_recv_per_token') / 1e3:>8.1f}kB   {ORIGINAL[s]}")
+        print(
+            f"{s:<24} {med('decode_tps'):>7.1f} {med('decode_tps') / base:>8.2f} {100 * med('network_share'):>7.1f}% "
+            f"{med('root_sent_per_token') / 1e3:>8.1f}kB {med('root_recv_per_token') / 1e3:>8.1f}kB   {ORIGINAL[s]}"
+        )
 
 
 if __name__ == "__main__":

@@ -80,9 +80,11 @@ def main() -> None:
           f"{'dllama':>10} {'llama.cpp':>10} {'':>6}")  # fmt: skip
     for name, t, med, limit in rows:
         d, c = med["dllama"], med["llama.cpp"]
-        print(f"{name:<24} {t:>3} | {d['decode_tps']:>8.1f} {c['decode_tps']:>9.1f} {limit:>8.1f} "
-              f"{d['decode_tps'] / c['decode_tps']:>6.2f} {100 * d['decode_tps'] / limit:>9.0f}% | "
-              f"{d['prefill_tps']:>10.1f} {c['prefill_tps']:>10.1f} {d['prefill_tps'] / c['prefill_tps']:>6.2f}")
+        print(
+            f"{name:<24} {t:>3} | {d['decode_tps']:>8.1f} {c['decode_tps']:>9.1f} {limit:>8.1f} "
+            f"{d['decode_tps'] / c['decode_tps']:>6.2f} {100 * d['decode_tps'] / limit:>9.0f}% | "
+            f"{d['prefill_tps']:>10.1f} {c['prefill_tps']:>10.1f} {d['prefill_tps'] / c['prefill_tps']:>6.2f}"
+        )
     print("\n(medians of rounds of mean tok/s; per-step medians, robust to other load: "
           + "; ".join(f"{n} {t}thr dllama {m['dllama']['decode_tps_median']:.1f} llama.cpp "
                       f"{m['llama.cpp']['decode_tps_median']:.1f}" for n, t, m, _ in rows) + ")")  # fmt: skip

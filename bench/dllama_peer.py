@@ -24,16 +24,17 @@ def _bench_inprocess(path: str, threads: int, n_decode: int, prompt_tokens: list
                 workers=workers, secret=secret, buffer_type=buffer_type, log=lambda *a: None)  # fmt: skip
     load_s = time.perf_counter() - t
 
-    def prefill(ids):
+    def prefill(ids):  # greedy, like the llama.cpp side: only the argmax of the last position is needed
         logits = None
         for i in range(0, len(ids), root.max_batch):
-            logits = root.forward(ids[i : i + root.max_batch], i)
+            last = i + root.max_batch >= len(ids)
+            logits = root.forward(ids[i : i + root.max_batch], i, "argmax" if last else "none")
         return logits
 
     logits = prefill(prompt_tokens)  # warm-up: pages in the weights, wakes the threads
     pos = len(prompt_tokens)
     for _ in range(4):
-        logits = root.forward([int(logits.argmax())], pos)
+        logits = root.forward([int(logits.argmax())], pos, "argmax")
         pos += 1
 
     t = time.perf_counter()
@@ -44,7 +45,7 @@ def _bench_inprocess(path: str, threads: int, n_decode: int, prompt_tokens: list
     t0 = time.perf_counter()
     for _ in range(n_decode):
         ts = time.perf_counter()
-        logits = root.forward([tokens[-1]], pos)
+        logits = root.forward([tokens[-1]], pos, "argmax")
         tokens.append(int(logits.argmax()))
         pos += 1
         steps.append(time.perf_counter() - ts)

@@ -40,11 +40,26 @@ def ensure_llama_cpp(install: bool = True):
     except ImportError:
         if not install:
             raise
-    env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS, FORCE_CMAKE="1",
-               CMAKE_BUILD_PARALLEL_LEVEL=str(len(os.sched_getaffinity(0))))
-    cmd = ["nice", "-n", "19", sys.executable, "-m", "pip", "install", "--no-cache-dir",
-           f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
-    _log(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} from source (several minutes): {' '.join(cmd)}")
+    env = dict(
+        os.environ,
+        CMAKE_ARGS=CMAKE_ARGS,
+        FORCE_CMAKE="1",
+        CMAKE_BUILD_PARALLEL_LEVEL=str(len(os.sched_getaffinity(0))),
+    )
+    cmd = [
+        "nice",
+        "-n",
+        "19",
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-cache-dir",
+        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+    ]
+    _log(
+        f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} from source (several minutes): {' '.join(cmd)}"
+    )
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0:
@@ -73,8 +88,16 @@ def _bench_inprocess(path: str, threads: int, n_decode: int, prompt_tokens: list
     load_before = os.getloadavg()[0]
     n_batch = max(512, len(prompt_tokens))  # the whole prompt in one batch, as dllama's prefill does
     t = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                          n_threads_batch=threads, flash_attn=True, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=True,
+        verbose=False,
+    )
     load_s = time.perf_counter() - t
     n_vocab = llm.n_vocab()
 
@@ -121,8 +144,15 @@ def _bench_inprocess(path: str, threads: int, n_decode: int, prompt_tokens: list
     }
 
 
-def bench_llamacpp(path, threads: int, n_decode: int = 128, prompt_tokens: list[int] | None = None, *,
-                   n_ctx: int | None = None, subprocess_isolated: bool = True) -> dict:
+def bench_llamacpp(
+    path,
+    threads: int,
+    n_decode: int = 128,
+    prompt_tokens: list[int] | None = None,
+    *,
+    n_ctx: int | None = None,
+    subprocess_isolated: bool = True,
+) -> dict:
     """Time prefill of `prompt_tokens` (default: 100 tokens) and `n_decode` greedy decode steps, separately.
 
     Returns a dict with decode_tps, prefill_tps, prefill_s, decode_s, decode_ms_median, decode_tps_median,
@@ -134,9 +164,23 @@ def bench_llamacpp(path, threads: int, n_decode: int = 128, prompt_tokens: list[
     if not subprocess_isolated:
         return _bench_inprocess(path, threads, n_decode, prompt_tokens, n_ctx)
     ensure_llama_cpp()
-    cmd = [sys.executable, os.path.abspath(__file__), path, "--threads", str(threads), "--n-decode", str(n_decode),
-           "--n-ctx", str(n_ctx), "--prompt-json", json.dumps(prompt_tokens), "--in-process"]
-    _log(f"llama.cpp: {os.path.basename(path)}, {threads} thread(s), {len(prompt_tokens)} + {n_decode} tokens")
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        path,
+        "--threads",
+        str(threads),
+        "--n-decode",
+        str(n_decode),
+        "--n-ctx",
+        str(n_ctx),
+        "--prompt-json",
+        json.dumps(prompt_tokens),
+        "--in-process",
+    ]
+    _log(
+        f"llama.cpp: {os.path.basename(path)}, {threads} thread(s), {len(prompt_tokens)} + {n_decode} tokens"
+    )
     r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"llama.cpp benchmark failed (exit {r.returncode})")
@@ -152,12 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-json", help="token ids as a JSON list (overrides --prompt-len)")
     ap.add_argument("--n-ctx", type=int, default=None)
     ap.add_argument("--install", action="store_true", help="build llama-cpp-python if it is missing")
-    ap.add_argument("--in-process", action="store_true", help="measure in this process (used by the isolated mode)")
+    ap.add_argument(
+        "--in-process", action="store_true", help="measure in this process (used by the isolated mode)"
+    )
     a = ap.parse_args(argv)
     if a.install:
         ensure_llama_cpp()
     prompt = json.loads(a.prompt_json) if a.prompt_json else default_prompt_tokens(a.prompt_len)
-    r = bench_llamacpp(a.model, a.threads, a.n_decode, prompt, n_ctx=a.n_ctx, subprocess_isolated=not a.in_process)
+    r = bench_llamacpp(
+        a.model, a.threads, a.n_decode, prompt, n_ctx=a.n_ctx, subprocess_isolated=not a.in_process
+    )
     print(json.dumps(r))
 
 

@@ -25,21 +25,11 @@ def text_of(stdout: str) -> str:
 def test_root_and_worker_in_separate_namespaces(default_model):
     if os.geteuid() != 0:
         pytest.fail("this test creates network namespaces and must run as root (CI does)")
-    common = [
-        "--prompt",
-        PROMPT,
-        "--steps",
-        "24",
-        "--temperature",
-        "0",
-        "--nthreads",
-        "1",
-        "--buffer-float-type",
-        "f32",
-    ]
-    single = subprocess.run([sys.executable, "-m", "dllama", "inference", *common], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
-    assert single.returncode == 0, single.stderr
+    common = ["--prompt", PROMPT, "--steps", "24", "--temperature", "0", "--nthreads", "1"]
+    # the same 2-node split on loopback: the arithmetic is deterministic, so the veth run must match it exactly
+    local = subprocess.run([sys.executable, "-m", "dllama", "inference", *common, "--local-workers", "1"],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert local.returncode == 0, local.stderr
     with VethPair(rate="1gbit") as net:
         worker = subprocess.Popen(
             [*net.prefix(net.ns_b), sys.executable, "-m", "dllama", "worker", "--host", net.addr_b, "--port", "9990",
@@ -59,7 +49,8 @@ def test_root_and_worker_in_separate_namespaces(default_model):
             worker.terminate()
             worker.wait(timeout=10)
     assert root.returncode == 0, root.stderr
-    assert text_of(root.stdout) == text_of(single.stdout)
+    assert text_of(root.stdout) == text_of(local.stdout)
+    assert text_of(root.stdout).startswith(PROMPT + " Paris")
     m = re.search(r"sent ([\d.]+) kB, received ([\d.]+) kB", root.stdout)
-    assert m and float(m.group(1)) > 100  # f32 partial sums really crossed the veth pair
+    assert m and float(m.group(1)) > 30  # Q80 partial sums really crossed the veth pair
     print(f"2 nodes over veth (1 Gbit/s) in {elapsed:.1f} s: {root.stdout.splitlines()[-2]}")

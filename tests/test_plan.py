@@ -34,7 +34,11 @@ def test_plan_tiles_every_dimension(n):
     assert p.nodes[-1].kv_heads[1] == c.n_kv_heads and p.nodes[-1].ffn[1] == c.hidden_dim
     assert all(x.n_kv_heads >= 1 and x.hidden % 32 == 0 for x in p.nodes)
     assert all(x.heads == (x.kv_heads[0] * c.group, x.kv_heads[1] * c.group) for x in p.nodes)
-    assert p.nodes[0].vocab == (0, c.vocab_size)  # the output head lives on the root
+    assert [x.vocab for x in p.nodes] == [
+        (a, b)
+        for a, b in zip([0] + [x.vocab[1] for x in p.nodes][:-1], [x.vocab[1] for x in p.nodes], strict=True)
+    ]
+    assert p.nodes[-1].vocab[1] == c.vocab_size and all(x.vocab[0] % 8 == 0 for x in p.nodes)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 8])
