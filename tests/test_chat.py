@@ -38,7 +38,7 @@ def turn(child: pexpect.spawn, text: str) -> tuple[str, dict]:
 
 @pytest.mark.parametrize("cluster", [[], ["--local-workers", "1"]], ids=["one-node", "two-nodes"])
 def test_second_turn_remembers_the_first_and_reuses_its_cache(cluster):
-    child = spawn(*cluster)
+    child = spawn(*cluster, "--max-tokens", "64")  # the 135M model may ramble after the first turn
     try:
         a1, s1 = turn(child, "The secret code is 4711.")
         assert a1 and s1["reused"] == 0 and s1["tokens"] > 0 and s1["tps"] > 0
@@ -55,7 +55,7 @@ def test_second_turn_remembers_the_first_and_reuses_its_cache(cluster):
 
 
 def test_ctrl_c_stops_the_answer_not_the_session_and_ctrl_d_quits():
-    child = spawn()
+    child = spawn("--max-tokens", "200")  # long enough to interrupt, short enough if the model rambles
     try:
         child.sendline("Write a very long story about a dragon.")
         child.expect_exact("dragon.")
@@ -67,8 +67,8 @@ def test_ctrl_c_stops_the_answer_not_the_session_and_ctrl_d_quits():
         child.expect_exact(PROMPT)
         child.sendintr()  # at the prompt: a fresh prompt, the chat goes on
         child.expect_exact(PROMPT)
-        answer, stats = turn(child, "What is 2+2?")
-        assert "4" in answer and stats["reused"] > 0
+        answer, stats = turn(child, "What is the capital of France?")
+        assert "Paris" in answer and stats["reused"] > 0
         child.sendeof()
         child.expect(pexpect.EOF)
     finally:
