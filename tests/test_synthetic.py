@@ -16,18 +16,6 @@ from dllama.model.synthetic import (
     write_synthetic_gguf,
 )
 
-LAYER_TENSORS = [
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-]
-
 
 def _read(path):
     r = gguf.GGUFReader(path)

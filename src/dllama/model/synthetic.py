@@ -21,6 +21,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from dllama.tokenizer.tokenizer import bytes_to_unicode
+
 SHAPES: dict[str, dict] = {
     "1b": dict(
         dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=49152, rope_base=500000.0
@@ -144,23 +146,6 @@ def quantize(x: np.ndarray, qtype: QT) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character mapping."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def tokenizer_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:

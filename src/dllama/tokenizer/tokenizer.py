@@ -29,8 +29,8 @@ _STOP_NAMES = frozenset(
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE spells every byte as a printable character."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible mapping: byte-level BPE spells every byte as a printable character."""
     bs = (
         list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     )
@@ -41,7 +41,11 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def _byte_decoder() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def cache_path(path: str | os.PathLike) -> Path:
