@@ -44,6 +44,10 @@ class Root:
         if note:
             self.log(note)
         self.max_batch = max(1, min(max_batch, self.max_seq))
+        if self.plan.n_nodes > 1:
+            w = [self.plan.node_weight_bytes(n, model) for n in self.plan.nodes]
+            w[0] += model.embedding.nbytes  # the root also keeps the embedding table for lookups
+            self.log(self.plan.describe(w, [kv_cache_bytes(cfg, n, self.max_seq) for n in self.plan.nodes]))
 
         def own(
             v,

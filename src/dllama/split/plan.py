@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from dllama.errors import DllamaError
 from dllama.model.config import ModelConfig
-from dllama.model.gguf_model import TensorView
+from dllama.model.gguf_model import LAYER_TENSORS, TensorView
 
 FFN_UNIT = 32  # feed-forward rows move in whole quant blocks so `down` column slices stay block-aligned
 
@@ -136,16 +136,20 @@ class SplitPlan:
             return view.col_slice(f0, f1)
         return view  # norms: every node has them
 
-    def describe(self, model_bytes: dict[int, int] | None = None) -> str:
-        lines = [
-            "node  weight  kv heads  q heads  ffn rows  vocab rows" + ("  weights MB" if model_bytes else "")
-        ]
+    def describe(self, weight_bytes: list[int], kv_bytes: list[int]) -> str:
+        """One line per node: its share of the model and the memory it holds."""
+        lines = ["node  weight  kv heads  q heads  ffn rows  vocab rows  weights MB  KV cache MB"]
         for n in self.nodes:
-            line = (
+            lines.append(
                 f"{n.index:>4}  {self.weights[n.index] / sum(self.weights):>6.2f}  {n.n_kv_heads:>8}  {n.n_heads:>7}  "
-                f"{n.hidden:>8}  {n.vocab_rows:>10}"
+                f"{n.hidden:>8}  {n.vocab_rows:>10}  {weight_bytes[n.index] / 1e6:>10.1f}  {kv_bytes[n.index] / 1e6:>11.1f}"
             )
-            if model_bytes:
-                line += f"  {model_bytes[n.index] / 1e6:>10.1f}"
-            lines.append(line)
         return "\n".join(lines)
+
+    def node_weight_bytes(self, share: NodeShare, model) -> int:
+        """Bytes of weights the node holds (its layer slices, its head rows, the norms)."""
+        n = sum(self.slice(share, name, model.layer(layer, name)).nbytes
+                for layer in range(self.cfg.n_layers) for name in LAYER_TENSORS)  # fmt: skip
+        if share.vocab_rows:
+            n += model.output.row_slice(*share.vocab).nbytes + model.output_norm.nbytes
+        return n
