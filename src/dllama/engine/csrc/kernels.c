@@ -437,9 +437,9 @@ void silu_mul(float *g, const float *u, int n) {
 
 /* out[i] = W . x[i] for 4 activation rows (quantized weight types); falls back to 4 single dots */
 void vec_dot4(int type, const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out) {
-    const int nb = n / QK;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (g_simd >= SIMD_AVX2) {
+        const int nb = n / QK;
         const int vnni = g_simd == SIMD_AVX512VNNI;
         if (type == T_Q8_0) dot4_q80_avx((const block_q8_0 *)w, xq, xstride, nb, out, vnni);
         else dot4_q4x_avx(type, (const uint8_t *)w, xq, xs, xstride, nb, out, vnni);

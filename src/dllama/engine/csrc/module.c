@@ -15,7 +15,10 @@
 
 #include "common.h"
 
-static int g_repack = 1; /* repack Q4_0/Q4_1 into 8-row groups at load (DLLAMA_NO_REPACK=1 or set_repack(0)) */
+/* repack Q4_0/Q4_1 into 8-row groups at load: on by default where the x8 SIMD kernels exist (AVX2 builds); NEON
+ * builds keep the GGUF layout, whose NEON dot products beat the scalar x8 fallback. DLLAMA_NO_REPACK=1 or
+ * set_repack(0) turn it off (tests run both layouts on every SIMD path). */
+static int g_repack = -1;
 
 /* a Q4_0/Q4_1 tensor with rows % 8 == 0 -> its 8-row repacked copy (malloc'ed), or NULL to keep the source */
 static uint8_t *maybe_repack(tensor *t) {
@@ -763,7 +766,7 @@ static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_kernels", "dllam
 PyMODINIT_FUNC PyInit__kernels(void) {
     g_simd = simd_best();
     const char *nr = getenv("DLLAMA_NO_REPACK");
-    if (nr && *nr && *nr != '0') g_repack = 0;
+    g_repack = simd_best() >= SIMD_AVX2 && !(nr && *nr && *nr != '0');
     if (PyType_Ready(&EngineType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;

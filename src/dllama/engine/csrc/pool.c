@@ -6,6 +6,7 @@
  * claim a chunk of a newer task with an older task's function. Workers spin for 0.2 ms after a task (the ops of
  * one forward pass follow each other within microseconds), then sleep on a condition variable: an idle node
  * burns no CPU between tokens. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, CLOCK_MONOTONIC under -std=c11 */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
