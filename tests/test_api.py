@@ -261,6 +261,7 @@ MALFORMED = [
     ("v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
     ("v1/completions", {"prompt": ""}, 400, "prompt"),
     ("v1/nowhere", {}, 404, None),
+    (CHAT, b'{"messages": "' + b"x" * (9 << 20) + b'"}', 413, None),  # body over the 8 MiB limit
 ]
 
 

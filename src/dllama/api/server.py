@@ -66,8 +66,20 @@ class ClientGone(Exception):
 # ---- request parsing ---------------------------------------------------------------------------------
 
 
+MAX_BODY = 8 << 20  # bytes: far above any real chat request, far below what could exhaust memory
+
+
 async def _body(request: Request) -> dict:
-    raw = await request.body()
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+    raw = bytearray()
+    async for (
+        chunk
+    ) in request.stream():  # counted as it arrives: a lying or absent content-length is no way in
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
