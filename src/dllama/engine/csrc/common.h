@@ -105,8 +105,8 @@ int x8_source_type(int type);
 /* src rows (GGUF Q4_0/Q4_1, `stride` bytes apart; rows % 8 == 0) -> dst, rows/8 groups of cols/32 x8-blocks */
 void repack_x8(int type, const uint8_t *src, size_t stride, int rows, int cols, uint8_t *dst);
 /* y[t*ldy + i] = row i of the group . x[t], i < 8, t < T */
-void gemm_x8(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs, int xstride, int T, float *y,
-             int ldy);
+void gemm_x8(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs, const float *xd, int xstride, int T,
+             float *y, int ldy);
 
 /* ---- SIMD level: chosen at build time, can be lowered at run time (tests exercise the scalar path) ---- */
 enum { SIMD_SCALAR = 0, SIMD_NEON = 1, SIMD_AVX2 = 2, SIMD_AVX512VNNI = 3 };
@@ -149,11 +149,12 @@ typedef struct {
 typedef struct {
     const block_q8_0 *xq; /* [T][cols/32] quantized activations (quantized weight types) */
     const float *xs;      /* [T][cols/32] per-block d*sum(q) */
+    const float *xd;      /* [T][cols/32] per-block scale d as float (spares the kernels an fp16 conversion) */
     const float *xf;      /* [T][cols] float activations (float weight types) */
     int T, cols;
 } act;
 
-void act_prepare(act *a, const float *x, int T, int cols, block_q8_0 *qbuf, float *sbuf, int need_quant);
+void act_prepare(act *a, const float *x, int T, int cols, block_q8_0 *qbuf, float *sbuf, float *dbuf, int need_quant);
 /* y[t*ldy + r] = W[r] . x[t] for every job; rows of all jobs split across the pool */
 void matmul(pool *p, const act *a, int njobs, const tensor *w, float *const *y, const int *ldy);
 /* gate/up pair fused with silu: g[t*ldh + r] = silu(Wg[r].x[t]) * (Wu[r].x[t]) */

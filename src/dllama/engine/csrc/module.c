@@ -53,6 +53,7 @@ typedef struct {
     float *hb;             /* [B][hidden] */
     block_q8_0 *xq;        /* [B][maxc/32] */
     float *xs;             /* [B][maxc/32] */
+    float *xd;             /* [B][maxc/32] activation block scales as float */
     float *scratch;        /* [nthreads][max_seq] attention scores */
     float *x, *out, *logits; /* Python-owned: [B][dim], [B][dim], [vocab] */
     pool *pool;
@@ -92,7 +93,7 @@ static void Engine_dealloc(Engine *e) {
     PyMem_Free(e->held);
     free(e->lt);
     free(e->kc); free(e->vc); free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb);
-    free(e->xq); free(e->xs); free(e->scratch);
+    free(e->xq); free(e->xs); free(e->xd); free(e->scratch);
     free(e->fds); free(e->link_index); free(e->sbuf); free(e->rbuf); free(e->acc);
     for (int i = 0; i < e->n_owned; i++) free(e->owned[i]);
     free(e->owned);
@@ -147,9 +148,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     e->hb = (float *)calloc(B * e->hidden + 1, 4);
     e->xq = (block_q8_0 *)calloc(B * (maxc / QK), sizeof(block_q8_0));
     e->xs = (float *)calloc(B * (maxc / QK), 4);
+    e->xd = (float *)calloc(B * (maxc / QK), 4);
     if (e->nthreads < 1) e->nthreads = 1;
     e->scratch = (float *)calloc((size_t)e->nthreads * e->max_seq, 4);
-    if (!e->lt || !e->kc || !e->vc || !e->xb || !e->q || !e->k || !e->v || !e->att || !e->hb || !e->xq || !e->xs ||
+    if (!e->lt || !e->kc || !e->vc || !e->xb || !e->q || !e->k || !e->v || !e->att || !e->hb || !e->xq || !e->xs || !e->xd ||
         !e->scratch) {
         PyErr_NoMemory();
         return -1;
@@ -228,7 +230,7 @@ static void run_attn(Engine *e, int l, int pos, int T) {
         return;
     }
     act a;
-    act_prepare(&a, e->xb, T, dim, e->xq, e->xs, type_is_quant(wq->type) || type_is_quant(wk->type) || type_is_quant(wv->type));
+    act_prepare(&a, e->xb, T, dim, e->xq, e->xs, e->xd, type_is_quant(wq->type) || type_is_quant(wk->type) || type_is_quant(wv->type));
     const tensor w3[3] = {*wq, *wk, *wv};
     float *const y3[3] = {e->q, e->k, e->v};
     const int ld3[3] = {qd, kd, kd};
@@ -245,7 +247,7 @@ static void run_attn(Engine *e, int l, int pos, int T) {
         }
     }
     attention(e->pool, e->q, e->kc + layer_off, e->vc + layer_off, e->att, e->scratch, T, pos, e->nh, e->nkv, hd, e->max_seq);
-    act_prepare(&a, e->att, T, qd, e->xq, e->xs, type_is_quant(wo->type));
+    act_prepare(&a, e->att, T, qd, e->xq, e->xs, e->xd, type_is_quant(wo->type));
     float *const yo[1] = {e->out};
     const int ldo[1] = {dim};
     matmul(e->pool, &a, 1, wo, yo, ldo);
@@ -262,9 +264,9 @@ static void run_ffn(Engine *e, int l, int T) {
         return;
     }
     act a;
-    act_prepare(&a, e->xb, T, dim, e->xq, e->xs, type_is_quant(wg->type) || type_is_quant(wu->type));
+    act_prepare(&a, e->xb, T, dim, e->xq, e->xs, e->xd, type_is_quant(wg->type) || type_is_quant(wu->type));
     matmul_swiglu(e->pool, &a, wg, wu, e->hb, e->hidden);
-    act_prepare(&a, e->hb, T, e->hidden, e->xq, e->xs, type_is_quant(wd->type));
+    act_prepare(&a, e->hb, T, e->hidden, e->xq, e->xs, e->xd, type_is_quant(wd->type));
     float *const yd[1] = {e->out};
     const int ldd[1] = {dim};
     matmul(e->pool, &a, 1, wd, yd, ldd);
@@ -313,7 +315,7 @@ static PyObject *Engine_logits(Engine *e, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rmsnorm(e->xb, e->x + (size_t)row * e->dim, (const float *)e->gt[S_OUT_NORM].data, e->dim, e->eps);
     act a;
-    act_prepare(&a, e->xb, 1, e->dim, e->xq, e->xs, type_is_quant(e->gt[S_OUTPUT].type));
+    act_prepare(&a, e->xb, 1, e->dim, e->xq, e->xs, e->xd, type_is_quant(e->gt[S_OUTPUT].type));
     float *const y[1] = {e->logits};
     const int ld[1] = {e->vocab};
     matmul(e->pool, &a, 1, &e->gt[S_OUTPUT], y, ld);
@@ -618,11 +620,12 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         const int nb = cols / QK;
         block_q8_0 *xq = (block_q8_0 *)malloc(sizeof(block_q8_0) * (size_t)T * (nb ? nb : 1));
         float *xs = (float *)malloc(sizeof(float) * (size_t)T * (nb ? nb : 1));
+        float *xd = (float *)malloc(sizeof(float) * (size_t)T * (nb ? nb : 1));
         pool *p = pool_create(nthreads);
         tensor t = {(const uint8_t *)w.buf, (size_t)stride, type, rows, cols};
         uint8_t *own = maybe_repack(&t);
         Py_BEGIN_ALLOW_THREADS act a;
-        act_prepare(&a, (const float *)x.buf, T, cols, xq, xs, type_is_quant(type));
+        act_prepare(&a, (const float *)x.buf, T, cols, xq, xs, xd, type_is_quant(type));
         float *const yy[1] = {(float *)y.buf};
         const int ld[1] = {rows};
         matmul(p, &a, 1, &t, yy, ld);
@@ -630,6 +633,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         free(own);
         free(xq);
         free(xs);
+        free(xd);
         res = Py_None;
         Py_INCREF(res);
     }

@@ -5,15 +5,17 @@
 
 #include "common.h"
 
-void act_prepare(act *a, const float *x, int T, int cols, block_q8_0 *qbuf, float *sbuf, int need_quant) {
+void act_prepare(act *a, const float *x, int T, int cols, block_q8_0 *qbuf, float *sbuf, float *dbuf, int need_quant) {
     const int nb = cols / QK;
     a->T = T;
     a->cols = cols;
     a->xf = x;
     a->xq = qbuf;
     a->xs = sbuf;
+    a->xd = dbuf;
     if (need_quant) {
         for (int t = 0; t < T; t++) quantize_row_q80(x + (size_t)t * cols, qbuf + (size_t)t * nb, sbuf + (size_t)t * nb, cols);
+        for (size_t i = 0; i < (size_t)T * nb; i++) dbuf[i] = f16_to_f32(qbuf[i].d);
     }
 }
 
@@ -29,7 +31,7 @@ static int chunk_rows(const pool *p, int total) {
 static inline void dot_rows(const act *a, const tensor *w, int r0, int r1, float *y, int ldy) {
     const int nb = a->cols / QK;
     if (type_is_x8(w->type)) { /* r0 is a multiple of 8 (chunks are), rows % 8 == 0 (repack condition) */
-        for (int g = r0 / 8; g < (r1 + 7) / 8; g++) gemm_x8(w->type, w->data + (size_t)g * w->stride, nb, a->xq, a->xs, nb, a->T, y + 8 * g, ldy);
+        for (int g = r0 / 8; g < (r1 + 7) / 8; g++) gemm_x8(w->type, w->data + (size_t)g * w->stride, nb, a->xq, a->xs, a->xd, nb, a->T, y + 8 * g, ldy);
         return;
     }
     const int quant = type_is_quant(w->type);
@@ -104,9 +106,10 @@ static void swiglu_task(void *varg, int chunk, int ith) {
                 const int tb = a->T - t0 < 16 ? a->T - t0 : 16;
                 const block_q8_0 *xq = a->xq + (size_t)t0 * nb;
                 const float *xs = a->xs + (size_t)t0 * nb;
+                const float *xd = a->xd + (size_t)t0 * nb;
                 float *gy = m->g + (size_t)t0 * m->ldh + 8 * g;
-                gemm_x8(m->wg->type, m->wg->data + (size_t)g * m->wg->stride, nb, xq, xs, nb, tb, gy, m->ldh);
-                gemm_x8(m->wu->type, m->wu->data + (size_t)g * m->wu->stride, nb, xq, xs, nb, tb, u, 8);
+                gemm_x8(m->wg->type, m->wg->data + (size_t)g * m->wg->stride, nb, xq, xs, xd, nb, tb, gy, m->ldh);
+                gemm_x8(m->wu->type, m->wu->data + (size_t)g * m->wu->stride, nb, xq, xs, xd, nb, tb, u, 8);
                 for (int t = 0; t < tb; t++)
                     for (int i = 0; i < 8; i++) {
                         float *gv = gy + (size_t)t * m->ldh + i;

@@ -41,7 +41,7 @@ void repack_x8(int type, const uint8_t *src, size_t stride, int rows, int cols, 
 
 /* y[t*ldy + 0..7] = the 8 rows of one group . x[t] for NT (1..8) tokens */
 static inline void gemm_x8_tokens(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs,
-                                  int xstride, float *y, int ldy, const int NT, int vnni) {
+                                  const float *xd, int xstride, float *y, int ldy, const int NT, int vnni) {
     const int q41 = type == T_Q4_1_X8;
     const size_t hd = q41 ? 32 : 16, xb = hd + 128;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -69,7 +69,7 @@ static inline void gemm_x8_tokens(int type, const uint8_t *grp, int nb, const bl
                 s = DPBUSD(s, w[c], _mm256_set1_epi32(lo), vnni);
                 s = DPBUSD(s, w[c + 4], _mm256_set1_epi32(hi), vnni);
             }
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(_cvtsh_ss(xb8->d))), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(xd[(size_t)t * xstride + b])), acc[t]);
             corr[t] = _mm256_fmadd_ps(cw, _mm256_set1_ps(xs[(size_t)t * xstride + b]), corr[t]);
         }
     }
@@ -109,18 +109,18 @@ static void gemm_x8_scalar(int type, const uint8_t *grp, int nb, const block_q8_
     }
 }
 
-void gemm_x8(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs, int xstride, int T, float *y,
-             int ldy) {
+void gemm_x8(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs, const float *xd, int xstride, int T,
+             float *y, int ldy) {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (g_simd >= SIMD_AVX2) {
         const int vnni = g_simd == SIMD_AVX512VNNI;
         int t = 0;
         for (; t + 8 <= T; t += 8)
-            gemm_x8_tokens(type, grp, nb, xq + (size_t)t * xstride, xs + (size_t)t * xstride, xstride, y + (size_t)t * ldy, ldy, 8, vnni);
+            gemm_x8_tokens(type, grp, nb, xq + (size_t)t * xstride, xs + (size_t)t * xstride, xd + (size_t)t * xstride, xstride, y + (size_t)t * ldy, ldy, 8, vnni);
         for (; t + 4 <= T; t += 4)
-            gemm_x8_tokens(type, grp, nb, xq + (size_t)t * xstride, xs + (size_t)t * xstride, xstride, y + (size_t)t * ldy, ldy, 4, vnni);
+            gemm_x8_tokens(type, grp, nb, xq + (size_t)t * xstride, xs + (size_t)t * xstride, xd + (size_t)t * xstride, xstride, y + (size_t)t * ldy, ldy, 4, vnni);
         for (; t < T; t++)
-            gemm_x8_tokens(type, grp, nb, xq + (size_t)t * xstride, xs + (size_t)t * xstride, xstride, y + (size_t)t * ldy, ldy, 1, vnni);
+            gemm_x8_tokens(type, grp, nb, xq + (size_t)t * xstride, xs + (size_t)t * xstride, xd + (size_t)t * xstride, xstride, y + (size_t)t * ldy, ldy, 1, vnni);
         return;
     }
 #endif
