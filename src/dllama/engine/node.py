@@ -57,13 +57,7 @@ class NodeEngine:
         self.k.set_tensor(layer, slot, v.base, v.offset, v.type, v.rows, v.cols, v.stride)
         self.weight_bytes += v.nbytes
 
-    # thin wrappers: one C call each, GIL released inside
-    def attn(self, layer: int, pos: int, T: int) -> None:
-        self.k.attn(layer, pos, T)
-
-    def ffn(self, layer: int, T: int) -> None:
-        self.k.ffn(layer, T)
-
+    # one C call each, GIL released inside
     def forward(self, pos: int, T: int) -> None:
         self.k.forward(pos, T)
 

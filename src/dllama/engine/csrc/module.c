@@ -277,20 +277,6 @@ static void add_out(Engine *e, int T) {
     for (size_t i = 0; i < n; i++) e->x[i] += e->out[i];
 }
 
-static PyObject *Engine_attn(Engine *e, PyObject *args) {
-    int layer, pos, T;
-    if (!PyArg_ParseTuple(args, "iii", &layer, &pos, &T) || check_pos(e, layer, pos, T) < 0) return NULL;
-    Py_BEGIN_ALLOW_THREADS run_attn(e, layer, pos, T);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
-static PyObject *Engine_ffn(Engine *e, PyObject *args) {
-    int layer, T;
-    if (!PyArg_ParseTuple(args, "ii", &layer, &T) || check_pos(e, layer, 0, T) < 0) return NULL;
-    Py_BEGIN_ALLOW_THREADS run_ffn(e, layer, T);
-    Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
 /* single-node fast path: every layer in one call, residual adds included */
 static PyObject *Engine_forward(Engine *e, PyObject *args) {
     int pos, T;
@@ -525,8 +511,6 @@ static PyObject *Engine_take_net_s(Engine *e, PyObject *noargs) {
 static PyMethodDef Engine_methods[] = {
     {"set_tensor", (PyCFunction)Engine_set_tensor, METH_VARARGS,
      "set_tensor(layer, slot, buffer, offset, type, rows, cols, row_stride); layer -1 for global tensors"},
-    {"attn", (PyCFunction)Engine_attn, METH_VARARGS, "attn(layer, pos, T): out[:T] = partial attention block"},
-    {"ffn", (PyCFunction)Engine_ffn, METH_VARARGS, "ffn(layer, T): out[:T] = partial feed-forward block"},
     {"forward", (PyCFunction)Engine_forward, METH_VARARGS, "forward(pos, T): all layers, single node"},
     {"logits", (PyCFunction)Engine_logits, METH_VARARGS, "logits(row): output head on x[row]"},
     {"set_links", (PyCFunction)Engine_set_links, METH_VARARGS,
