@@ -28,6 +28,8 @@ def open_session(args) -> Session:
     workers = list(getattr(args, "workers", []) or [])
     secret = getattr(args, "secret", None) or os.environ.get("DLLAMA_SECRET")
     local = None
+    if args.nthreads is None:  # local workers share this machine's cores: oversubscribing them costs ~30 %
+        args.nthreads = max(1, (os.cpu_count() or 1) // (1 + max(0, getattr(args, "local_workers", 0))))
     if getattr(args, "local_workers", 0):
         if args.local_workers < 0:
             raise DllamaError("--local-workers must be >= 0")

