@@ -126,3 +126,18 @@ def test_convert_roundtrip_q80_keeps_answer(tmp_path):
                "--temperature", "0", "--nthreads", "1")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The capital of France is Paris")
+
+
+def test_runs_without_torch(tmp_path):
+    """torch is only the tests' reference, not a dependency: a user without it must be able to run (the cold
+    tokenizer conversion included, which once went through transformers' torch-importing GGUF reader)."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from dllama.cli.main import main\n"
+        "sys.exit(main(['inference', '--prompt', 'The capital of France is', '--steps', '2', "
+        "'--temperature', '0', '--nthreads', '1']))"
+    )
+    env = dict(os.environ, DLLAMA_CACHE_DIR=str(tmp_path))  # cold cache: the conversion really runs
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is Paris")
