@@ -150,3 +150,17 @@ def test_bad_sizes_raise_value_error():
     with pytest.raises(ValueError):
         K.matmul(np.zeros(10, dtype=np.uint8), int(QT.Q4_0), 4, 64, 36, np.zeros(64, np.float32),
                  np.zeros(4, np.float32), 1, 1)  # fmt: skip
+
+
+def test_engine_forward_matches_numpy_reference_model(tiny8):
+    """The whole C forward pass (prompt batch, then decode steps over the KV cache) against the float64 NumPy
+    model in engine/reference.py, on F32 weights (no activation quantization)."""
+    from dllama.model.gguf_model import GGUFModel
+    from dllama.runtime.root import Root
+
+    m = GGUFModel(tiny8["f32"])
+    ids = [5, 300, 17, 256, 99, 1000, 42]
+    expect = ref.forward(m, ids)  # [T, vocab]
+    root = Root(m, nthreads=2, max_seq=32, log=lambda *a: None)
+    got = [root.forward(ids[:3], 0).copy()] + [root.forward([t], i).copy() for i, t in enumerate(ids[3:], 3)]
+    np.testing.assert_allclose(np.array(got), expect[2:], rtol=1e-4, atol=1e-4)

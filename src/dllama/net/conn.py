@@ -29,8 +29,6 @@ class Conn:
         self._poll_in.register(sock, _IN)
         self._poll_out = select.poll()
         self._poll_out.register(sock, _OUT)
-        self.sent = 0
-        self.received = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -50,15 +48,12 @@ class Conn:
                 self._wait(self._poll_out, "accept data")
             except OSError as e:
                 raise PeerClosed(f"{self.name}: connection lost ({e.strerror or e})") from None
-        self.sent += len(view)
 
     def recv_into(self, buf, nbytes: int = 0) -> int:
         """Like socket.recv_into but waits (up to the timeout) for data; 0 means EOF."""
         while True:
             try:
-                n = self.sock.recv_into(buf, nbytes)
-                self.received += n
-                return n
+                return self.sock.recv_into(buf, nbytes)
             except BlockingIOError:
                 self._wait(self._poll_in, "send data")
             except OSError as e:

@@ -46,9 +46,9 @@ def expected_shapes(plan, share) -> dict[str, tuple[int, int]]:
     }
 
 
-def slice_bytes(plan, share) -> int:
-    """Bytes of weights this node holds, assuming the largest native type (used for the memory check)."""
-    return sum(r * c * 4 for r, c in expected_shapes(plan, share).values()) * plan.cfg.n_layers
+def slice_elements(plan, share) -> int:
+    """Weights this node holds (elements), for the memory check before anything is allocated."""
+    return sum(r * c for r, c in expected_shapes(plan, share).values()) * plan.cfg.n_layers
 
 
 class WorkerSession:
@@ -133,7 +133,8 @@ class WorkerSession:
             raise P.ProtocolError("malformed SETUP") from None
         plan, share = s["plan"], s["share"]
         self.session_id, self.session_key = s["session_id"], s["session_key"]
-        need = slice_bytes(plan, share) // 4 + kv_cache_bytes(plan.cfg, share, s["max_seq"])
+        # ~1 byte per weight (Q8_0; 4-bit slices need about half) plus the KV cache
+        need = slice_elements(plan, share) + kv_cache_bytes(plan.cfg, share, s["max_seq"])
         if need > available_bytes():
             raise DllamaError(
                 f"not enough memory on this worker: its slice needs ~{need / 2**30:.1f} GiB, "
