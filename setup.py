@@ -14,14 +14,21 @@ if march != "none":
     flags.append(f"-mcpu={march}" if platform.machine() in ("aarch64", "arm64") and march == "native" else f"-march={march}")
 
 csrc = "src/dllama/engine/csrc"
+engine_sources = ("py_engine.c", "py_kernels.c", "py_testing.c", "graph.c", "kernels.c", "ops.c", "pool.c", "repack.c")
 setup(
     ext_modules=[
-        Extension(
+        Extension(  # the per-node engine: layer graph, kernels, thread pool (knows nothing of sockets)
             "dllama.engine._kernels",
-            sources=[f"{csrc}/{f}" for f in ("module.c", "kernels.c", "ops.c", "pool.c", "repack.c")],
-            depends=[f"{csrc}/common.h"],
+            sources=[f"{csrc}/{f}" for f in engine_sources],
+            depends=[f"{csrc}/{h}" for h in ("common.h", "comm.h", "graph.h")],
             extra_compile_args=flags,
             extra_link_args=["-pthread"],
-        )
+        ),
+        Extension(  # the TCP all-to-all: one implementation of the engine's comm interface
+            "dllama.net._mesh",
+            sources=["src/dllama/net/csrc/mesh_tcp.c"],
+            depends=[f"{csrc}/comm.h"],
+            extra_compile_args=flags,
+        ),
     ]
 )

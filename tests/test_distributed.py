@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
+from dllama.engine.engine import sync_row_bytes as row_bytes
 from dllama.model.gguf_model import GGUFModel
-from dllama.net.exchange import row_bytes
-from dllama.net.protocol import ARGMAX_S, FORWARD_S, HEADER, PARTIAL_S
+from dllama.net.messages import ARGMAX, FORWARD_HEAD, HEADER, PARTIAL_HEAD
 from dllama.runtime.root import Root
 from dllama.runtime.session import Session
 from dllama.sampling.sampler import Sampler
@@ -42,7 +42,7 @@ def test_default_model_f32_weights_exact_across_nodes(default_f32, workers, n):
     ids = Tokenizer.from_gguf(default_f32, reader=m.reader).encode("Once upon a time, the city of Nova")
     ref = logits_per_position(Root(m, nthreads=1, max_seq=128, **QUIET), ids)
     ws = workers(n - 1)
-    with cluster(m, [w.address for w in ws], buffer_type="f32") as r:
+    with cluster(m, [w.address for w in ws], sync="f32") as r:
         got = logits_per_position(r, ids)
     print(f"{n} nodes, f32 weights + f32 sync: max |logit diff| {np.abs(got - ref).max():.2e}")
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
@@ -54,7 +54,7 @@ def test_synthetic_8kv_exact_for_any_node_count_and_weighted_split(tiny8, worker
     ids = [5, 300, 17, 256, 99, 1000, 42, 7]
     ref = logits_per_position(Root(m, nthreads=1, max_seq=64, **QUIET), ids)
     ws = workers(n - 1)
-    with cluster(m, [w.address for w in ws], buffer_type="f32", weights=weights) as r:
+    with cluster(m, [w.address for w in ws], sync="f32", weights=weights) as r:
         shares = [(x.n_kv_heads, x.hidden) for x in r.plan.nodes]
         got = logits_per_position(r, ids)
     print(
@@ -85,7 +85,7 @@ def test_default_model_argmax_agrees_where_clear(default_model, workers, n, buff
     path = [*tok.encode("Once upon a time"), *single.generate(tok.encode("Once upon a time"), Sampler(0), 40)]
     ref = logits_per_position(single.root, path)
     ws = workers(n - 1)
-    with cluster(m, [w.address for w in ws], buffer_type=buffer_type) as r:
+    with cluster(m, [w.address for w in ws], sync=buffer_type) as r:
         got = logits_per_position(r, path)
     top2 = np.sort(ref, axis=1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 1.5
@@ -128,7 +128,7 @@ def test_default_model_greedy_agrees_with_single_node(default_model, workers, n,
     single = Root(m, nthreads=1, max_seq=128, **QUIET)
     ws = workers(n - 1)
     agree_all, unexplained = [], []
-    with cluster(m, [w.address for w in ws], buffer_type=buffer_type) as r:
+    with cluster(m, [w.address for w in ws], sync=buffer_type) as r:
         for prompt in PROMPTS:
             ids = tok.encode(prompt)
             ref, margins = greedy_with_margins(single, ids, 40)
@@ -149,14 +149,14 @@ def test_bytes_per_token_match_the_formula(default_model, workers, buffer_type):
     m = GGUFModel(default_model)
     cfg = m.config
     ws = workers(2)
-    with cluster(m, [w.address for w in ws], buffer_type=buffer_type) as r:
+    with cluster(m, [w.address for w in ws], sync=buffer_type) as r:
         s = Session(r)
         list(s.generate([1, 2, 3, 4], Sampler(0), 6))
         steps = s.stats.gen
     n_workers, L = 2, cfg.n_layers
-    sync = HEADER.size + PARTIAL_S.size + row_bytes(buffer_type, cfg.dim)  # one partial sum message
-    forward = HEADER.size + FORWARD_S.size + m.embedding.row_bytes  # control + the token's embedding row
-    best = HEADER.size + ARGMAX_S.size  # greedy: each worker returns its best (logit, id) of its head rows
+    sync = PARTIAL_HEAD + row_bytes(buffer_type, cfg.dim)  # one partial sum message
+    forward = HEADER.size + FORWARD_HEAD.size + m.embedding.row_bytes  # control + the token's embedding row
+    best = HEADER.size + ARGMAX.size  # greedy: each worker returns its best (logit, id) of its head rows
     assert all(st.sent == n_workers * (forward + 2 * L * sync) for st in steps), [st.sent for st in steps]
     assert all(st.recv == n_workers * (2 * L * sync + best) for st in steps), [st.recv for st in steps]
     print(f"3 nodes {buffer_type}: root sent {steps[0].sent} B, received {steps[0].recv} B per token")
@@ -173,7 +173,7 @@ def test_worker_with_local_model_receives_nothing(default_model, workers):
     assert not any("weights sent" in line for line in logs)
     log = w.stop()
     assert "slice read from the local model file" in log
-    with cluster(m, [workers(1)[0].address], buffer_type="q80") as r2:  # shipped slice: same result
+    with cluster(m, [workers(1)[0].address], sync="q80") as r2:  # shipped slice: same result
         np.testing.assert_allclose(r2.forward([1, 2, 3], 0), got, atol=1e-5)
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from dllama.model.gguf_model import GGUFModel
+from dllama.net import messages as M
 from dllama.net import protocol as P
-from dllama.net.setup import encode_setup
 from dllama.runtime.root import Root
 from dllama.split.plan import SplitPlan
 
@@ -54,13 +54,19 @@ def good_root_works(w, model) -> None:
     argmax, which a broken or confused worker cannot pass."""
     ids = [1, 2, 3, 4, 5]
     ref = Root(model, nthreads=1, max_seq=32, **QUIET).forward(ids, 0).copy()
-    with Root(model, nthreads=1, max_seq=32, workers=[w.address], secret="right-secret", buffer_type="f32",
+    with Root(model, nthreads=1, max_seq=32, workers=[w.address], secret="right-secret", sync="f32",
               **QUIET) as r:  # fmt: skip
         got = r.forward(ids, 0)
         assert np.corrcoef(got, ref)[0, 1] > 0.999
         assert got.argmax() == ref.argmax()
         assert np.isfinite(r.forward([6], 5)).all()  # and the next position
     assert w.alive()
+
+
+def frame_type(reply: bytes) -> int:
+    magic, mtype, flags, _ = M.HEADER.unpack(reply[: M.HEADER.size])
+    assert magic == M.MAGIC and flags == 0, reply[:16]
+    return mtype
 
 
 def test_wrong_secret_is_rejected(worker, model):
@@ -82,52 +88,53 @@ def test_garbage_bytes(worker, model):
 
 def test_huge_length_prefix_is_refused_before_allocation(worker, model):
     s = raw(worker)
-    s.sendall(P.HEADER.pack(P.MAGIC, P.HELLO, 0, 0xFFFFFFFF))
+    s.sendall(M.HEADER.pack(M.MAGIC, M.HELLO, 0, 0xFFFFFFFF))
     closed_by_worker(s)
     s = raw(worker)  # a plausible type with an absurd size, after a valid handshake prefix
-    s.sendall(P.HEADER.pack(P.MAGIC, P.SETUP, 0, 3 << 30))
+    s.sendall(M.HEADER.pack(M.MAGIC, M.SETUP, 0, 3 << 30))
     closed_by_worker(s)
     good_root_works(worker, model)
 
 
 def test_truncated_message_then_disconnect(worker, model):
     s = raw(worker)
-    s.sendall(P.header(P.HELLO, P.HELLO_S.size) + b"\x01\x00\x01")
+    s.sendall(P.header(M.HELLO, M.Hello.S.size) + b"\x01\x00\x01")
     s.close()
     good_root_works(worker, model)
 
 
 def test_silent_client_times_out(worker, model):
     s = raw(worker, timeout=30)
-    s.sendall(P.header(P.HELLO, P.HELLO_S.size)[:5])  # then nothing: the handshake timeout must free it
+    s.sendall(P.header(M.HELLO, M.Hello.S.size)[:5])  # then nothing: the handshake timeout must free it
     assert closed_by_worker(s) == b""
     good_root_works(worker, model)
 
 
 def test_version_mismatch_gets_a_clear_error(worker, model):
     s = raw(worker)
-    s.sendall(
-        P.header(P.HELLO, P.HELLO_S.size) + P.HELLO_S.pack(99, P.ROLE_ROOT, os.urandom(16), bytes(16), 0)
-    )
+    s.sendall(P.header(M.HELLO, M.Hello.S.size) + M.Hello(99, M.ROLE_ROOT, os.urandom(16), bytes(16), 0).encode())
     reply = closed_by_worker(s)
-    mtype, length = P.parse_header(reply[: P.HEADER.size])
-    assert mtype == P.ERROR and b"version mismatch" in reply[P.HEADER.size :]
+    mtype = frame_type(reply)
+    assert mtype == M.ERROR and b"version mismatch" in reply[M.HEADER.size :]
     good_root_works(worker, model)
 
 
 def authenticated(w) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", w.port), timeout=10)
-    P.client_handshake(s, P.key_of("right-secret"), P.ROLE_ROOT)
+    P.client_handshake(s, P.key_of("right-secret"), M.ROLE_ROOT)
     return s
 
 
 def setup_payload(model, **over) -> bytes:
     plan = SplitPlan.make(model.config, 2)
-    msg = encode_setup(plan, 1, max_seq=32, max_batch=4, buffer_type="q80", peers=["root", "x:1"],
-                       session_id=os.urandom(16), session_key=os.urandom(32), local_weights=False,
-                       model_hash=bytes(32))  # fmt: skip
+    msg = json.loads(M.Setup(plan.cfg, plan.weights, plan.nodes, 1, 32, 4, "q80", ("root", "x:1"), os.urandom(16),
+                             False, bytes(32)).encode())  # fmt: skip
     msg.update(over)
     return json.dumps(msg).encode()
+
+
+def send_frame(s, mtype: int, payload: bytes) -> None:
+    s.sendall(P.header(mtype, len(payload)) + payload)
 
 
 @pytest.mark.parametrize(
@@ -143,33 +150,35 @@ def test_malformed_setup_is_answered_and_survived(worker, model, payload):
     elif payload == "huge-seq":
         payload = setup_payload(model, max_seq=1 << 40)
     s = authenticated(worker)
-    P.send(s, P.SETUP, payload)
+    send_frame(s, M.SETUP, payload)
     reply = closed_by_worker(s)
-    assert P.parse_header(reply[: P.HEADER.size])[0] == P.ERROR
+    assert frame_type(reply) == M.ERROR
     good_root_works(worker, model)
 
 
 def test_root_disconnects_in_the_middle_of_the_weights(worker, model):
     s = authenticated(worker)
-    P.send(s, P.SETUP, setup_payload(model))
+    send_frame(s, M.SETUP, setup_payload(model))
     plan = SplitPlan.make(model.config, 2)
-    v = plan.slice(plan.nodes[1], "attn_norm", model.layer(0, "attn_norm"))
-    s.sendall(P.header(P.TENSOR, P.TENSOR_S.size + v.nbytes) + P.TENSOR_S.pack(0, 0, v.type, v.rows, v.cols))
+    share = plan.nodes[1]
+    norm, q = list(plan.placements(share))[:2]  # attn_norm, attn_q of layer 0
+    v = plan.view(share, norm, model)
+    s.sendall(P.header(M.TENSOR, M.TENSOR_HEAD.size + v.nbytes) + M.TensorHead(0, 0, -1, v.type, v.rows, v.cols).encode())
     s.sendall(v.contiguous().tobytes())
-    q = plan.slice(plan.nodes[1], "attn_q", model.layer(0, "attn_q"))
-    s.sendall(P.header(P.TENSOR, P.TENSOR_S.size + q.nbytes) + P.TENSOR_S.pack(0, 1, q.type, q.rows, q.cols))
-    s.sendall(q.contiguous().tobytes()[: q.nbytes // 2])  # half a tensor, then gone
+    qv = plan.view(share, q, model)
+    s.sendall(P.header(M.TENSOR, M.TENSOR_HEAD.size + qv.nbytes) + M.TensorHead(0, 1, -1, qv.type, qv.rows, qv.cols).encode())
+    s.sendall(qv.contiguous().tobytes()[: qv.nbytes // 2])  # half a tensor, then gone
     s.close()
     good_root_works(worker, model)
 
 
 def test_tensor_with_wrong_shape_or_size_is_rejected(worker, model):
     s = authenticated(worker)
-    P.send(s, P.SETUP, setup_payload(model))
+    send_frame(s, M.SETUP, setup_payload(model))
     # claims 10^6 rows for the layer-0 norm: must be refused from the header alone
-    s.sendall(P.header(P.TENSOR, P.TENSOR_S.size + 4 * 576) + P.TENSOR_S.pack(0, 0, 0, 1_000_000, 576))
+    s.sendall(P.header(M.TENSOR, M.TENSOR_HEAD.size + 4 * 576) + M.TensorHead(0, 0, -1, 0, 1_000_000, 576).encode())
     reply = closed_by_worker(s)
-    assert P.parse_header(reply[: P.HEADER.size])[0] == P.ERROR
+    assert frame_type(reply) == M.ERROR
     good_root_works(worker, model)
 
 
@@ -185,23 +194,23 @@ def test_second_root_is_told_the_worker_is_busy(worker, model):
 def test_forward_with_bad_sizes_ends_the_session_cleanly(worker, model):
     with Root(model, nthreads=1, max_seq=32, workers=[worker.address], secret="right-secret", **QUIET) as r:
         conn = r.cluster.conns[0]
-        bad = P.FORWARD_S.pack(30, 50, 8, 0)  # T=50 > max_batch, pos+T > max_seq
-        conn.sendall(P.header(P.FORWARD, len(bad)) + bad)
+        bad = M.FORWARD_HEAD.pack(30, 50, 8, 0)  # T=50 > max_batch, pos+T > max_seq
+        conn.sendall(P.header(M.FORWARD, len(bad)) + bad)
         conn.timeout = 5
         with pytest.raises(P.RemoteError, match="bad FORWARD"):
-            P.recv(conn)
+            P.recv_header(conn, (M.LOGITS,))
         r.cluster.broken = "test"
     good_root_works(worker, model)
 
 
 def test_peer_connection_for_unknown_session_is_refused(worker, model):
     s = raw(worker)
-    s.sendall(P.header(P.HELLO, P.HELLO_S.size) + P.HELLO_S.pack(P.VERSION, P.ROLE_PEER, os.urandom(16),
-                                                                   os.urandom(16), 2))  # fmt: skip
+    s.sendall(P.header(M.HELLO, M.Hello.S.size)
+              + M.Hello(M.VERSION, M.ROLE_PEER, os.urandom(16), os.urandom(16), 2).encode())  # fmt: skip
     reply = closed_by_worker(s)
-    assert P.parse_header(reply[: P.HEADER.size])[0] == P.ERROR
+    assert frame_type(reply) == M.ERROR
     good_root_works(worker, model)
 
 
 def test_unpack_sanity():
-    assert struct.calcsize("<2sBBI") == P.HEADER.size == 8
+    assert struct.calcsize("<2sBBI") == M.HEADER.size == 8

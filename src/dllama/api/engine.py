@@ -14,9 +14,9 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-from dllama.runtime.session import Session
 from dllama.runtime.stats import Stats
 from dllama.sampling.sampler import Sampler
+from dllama.service import Runtime
 
 
 class StopFilter:
@@ -84,8 +84,9 @@ class Job:
 
 
 class Engine:
-    def __init__(self, session: Session, log=None):
-        self.session = session
+    def __init__(self, rt: Runtime, log=None):
+        self.rt = rt
+        self.session = rt.session
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="dllama-generate", daemon=True)
@@ -98,7 +99,7 @@ class Engine:
 
     @property
     def available(self) -> bool:
-        return self.session.root.available
+        return self.rt.available
 
     @property
     def queued(self) -> int:
@@ -119,7 +120,7 @@ class Engine:
                 job.put("error", e)
             except Exception as e:  # a failed forward (e.g. a worker died): answer, keep serving
                 self.session.reset()  # the cache may hold a half-written position
-                if self.session.root.available:
+                if self.rt.available:
                     self.log("".join(traceback.format_exception(e)).rstrip())
                     job.put("error", JobError(500, f"generation failed: {e}"))
                 else:
@@ -127,14 +128,11 @@ class Engine:
                     job.put("error", JobError(503, f"cluster unavailable: {e}"))
 
     def _ensure_cluster(self) -> None:
-        if self.available:
-            return
-        self.session.reset()  # the workers' caches are gone either way
         try:  # every request retries, so the server recovers by itself once the workers are back
-            self.session.root.reconnect()
+            if self.rt.ensure_available():
+                self.log("reconnected to the workers")
         except Exception as e:
             raise JobError(503, f"cluster unavailable (reconnecting failed: {e})") from None
-        self.log("reconnected to the workers")
 
     def _generate(self, job: Job) -> None:
         s = self.session

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dllama.api.engine import Engine, Job, JobError, Usage
 from dllama.runtime.session import Session
 from dllama.sampling.sampler import Sampler
+from dllama.service import Runtime
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
@@ -169,15 +170,16 @@ def _messages(body: dict) -> list[dict]:
 # ---- the app -----------------------------------------------------------------------------------------
 
 
-def create_app(session: Session, *, model_id: str, api_key: str | None = None, defaults=None, log=None):
+def create_app(rt: Runtime, *, model_id: str, api_key: str | None = None, defaults=None, log=None):
     defaults = defaults or Defaults()
+    session = rt.session
     engine: Engine | None = None
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
         nonlocal engine
-        engine = Engine(session, log=log)
+        engine = Engine(rt, log=log)
         try:
             yield
         finally:
@@ -325,9 +327,9 @@ def create_app(session: Session, *, model_id: str, api_key: str | None = None, d
 
     @app.get("/health")
     async def health():
-        ok = engine.available if engine else session.root.available
+        ok = engine.available if engine else rt.available
         return JSONResponse(
-            {"status": "ok" if ok else "unavailable", "model": model_id, "nodes": session.root.n_nodes,
+            {"status": "ok" if ok else "unavailable", "model": model_id, "nodes": rt.n_nodes,
              "context": session.max_seq, "queued": engine.queued if engine else 0},
             status_code=200 if ok else 503,
         )  # fmt: skip

@@ -9,8 +9,9 @@ import socket
 import sys
 
 from dllama.cli import options
-from dllama.cli.launch import close_session, log, open_session
 from dllama.errors import DllamaError
+from dllama.service import Runtime, RuntimeConfig
+from dllama.service.runtime import log
 
 
 def register(sub) -> None:
@@ -61,14 +62,14 @@ def run(args) -> int:
     # Bind before loading the model: a busy port should fail at once, not after a long load.
     sock = _listen(args.host, args.port)
     try:
-        session = open_session(args)
+        rt = Runtime(RuntimeConfig.from_args(args))
     except BaseException:
         sock.close()
         raise
     try:
-        model_id = os.path.basename(session.root.model.path).removesuffix(".gguf")
+        model_id = rt.model_id
         defaults = Defaults(args.temperature, args.topp, args.seed, args.max_tokens)
-        app = create_app(session, model_id=model_id, api_key=api_key, defaults=defaults, log=log)
+        app = create_app(rt, model_id=model_id, api_key=api_key, defaults=defaults, log=log)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
         if not api_key and not _is_loopback(args.host):
@@ -87,5 +88,5 @@ def run(args) -> int:
         log("dllama api: stopped")
     finally:
         sock.close()
-        close_session(session)
+        rt.close()
     return 0

@@ -11,11 +11,10 @@ import sys
 import threading
 
 from dllama.cli import options
-from dllama.cli.launch import close_session, open_session
 from dllama.errors import DllamaError
-from dllama.runtime.session import Session
 from dllama.runtime.stats import Stats
 from dllama.sampling.sampler import Sampler
+from dllama.service import Runtime, RuntimeConfig
 
 PROMPT = ">>> "
 HELP = "Ctrl-C stops an answer, Ctrl-D or /exit quits, /reset starts a new conversation."
@@ -36,15 +35,16 @@ def register(sub) -> None:
 
 
 class Chat:
-    def __init__(self, session: Session, args, out=sys.stdout):
-        self.session = session
-        self.tok = session.tokenizer
+    def __init__(self, rt: Runtime, args, out=sys.stdout):
+        self.rt = rt
+        self.session = rt.session
+        self.tok = rt.tokenizer
         self.system = [{"role": "system", "content": args.system}] if args.system else []
         self.history: list[dict] = []  # user/assistant pairs, then the pending user message
         self.sampler = Sampler(args.temperature, args.topp, args.seed)
         self.max_tokens = args.max_tokens
         # room kept free for the answer before old turns are dropped
-        self.reserve = min(args.max_tokens or 256, session.max_seq // 4)
+        self.reserve = min(args.max_tokens or 256, rt.max_seq // 4)
         self.out = out
         color = out.isatty() and not os.environ.get("NO_COLOR")
         self.dim = (lambda s: f"\x1b[2m{s}\x1b[0m") if color else (lambda s: s)
@@ -71,12 +71,9 @@ class Chat:
         return ids
 
     def ensure_cluster(self) -> None:
-        root = self.session.root
-        if root.available:
-            return
-        self.say("(reconnecting to the workers)")
-        self.session.reset()
-        root.reconnect()
+        if not self.rt.available:
+            self.say("(reconnecting to the workers)")
+            self.rt.ensure_available()
 
     def turn(self, message: str) -> None:
         stop = threading.Event()
@@ -135,13 +132,13 @@ class Chat:
 
 
 def run(args) -> int:
-    session = open_session(args)
+    rt = Runtime(RuntimeConfig.from_args(args))
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     try:
-        chat = Chat(session, args)
+        chat = Chat(rt, args)
         chat.say(HELP)
         while True:
             try:
@@ -161,5 +158,5 @@ def run(args) -> int:
             elif message:
                 chat.turn(message)
     finally:
-        close_session(session)
+        rt.close()
     return 0

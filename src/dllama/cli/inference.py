@@ -6,10 +6,9 @@ from __future__ import annotations
 import sys
 
 from dllama.cli import options
-from dllama.cli.launch import close_session, open_session
-from dllama.errors import DllamaError
 from dllama.runtime.stats import Stats
 from dllama.sampling.sampler import Sampler
+from dllama.service import Runtime, RuntimeConfig
 
 
 def register(sub) -> None:
@@ -24,16 +23,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    session = open_session(args)
-    try:
-        tok = session.tokenizer
+    with Runtime(RuntimeConfig.from_args(args)) as rt:
+        session, tok = rt.session, rt.tokenizer
         ids = tok.encode(args.prompt)
-        if not ids:
-            raise DllamaError("the prompt encodes to no tokens")
-        if len(ids) >= session.max_seq:
-            raise DllamaError(
-                f"prompt has {len(ids)} tokens but the context holds {session.max_seq} (--max-seq-len)"
-            )
+        rt.check_prompt(ids)
         sampler = Sampler(args.temperature, args.topp, args.seed)
         dec = tok.stream_decoder()
         out = sys.stdout
@@ -44,8 +37,6 @@ def run(args) -> int:
             out.flush()
         out.write(dec.flush() + "\n")
         print_stats(session.stats, len(ids), args.per_token, session.finish_reason)
-    finally:
-        close_session(session)
     return 0
 
 

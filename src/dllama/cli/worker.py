@@ -31,7 +31,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args) -> int:
-    from dllama.runtime.worker import WorkerServer
+    from dllama.runtime.worker_server import WorkerServer
 
     if not 0 <= args.port <= 65535:
         raise DllamaError("--port must be 0..65535")

@@ -75,39 +75,107 @@ def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     return (g / (1 + np.exp(-g)) * u).astype(np.float32)
 
 
-def forward(model, tokens: list[int]) -> np.ndarray:
-    """Whole model in float64 NumPy with dequantized weights (no activation quantization): logits [T, vocab]."""
-    cfg = model.config
-    T, hd = len(tokens), cfg.head_dim
-    cos, sin = cfg.rope_tables(T)
+def rope_neox(x: np.ndarray, n_heads: int, head_dim: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Pairs (x[i], x[i + head_dim/2]) of each head rotated (Qwen2 / Qwen3 / NEOX layout)."""
+    v = x.reshape(n_heads, 2, head_dim // 2).astype(np.float64)
+    a, b = v[:, 0], v[:, 1]
+    return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(-1).astype(np.float32)
 
-    def W(view):
-        return view.to_float().astype(np.float64)
 
-    x = model.embed(tokens).astype(np.float64)
+class GGUFWeights:
+    """A GGUF file read with gguf-py alone (shares no code with the product): metadata and float64 tensors."""
+
+    def __init__(self, path: str):
+        from gguf import GGUFReader
+
+        r = GGUFReader(path)
+        self.meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.")}
+        self.arch = self.meta["general.architecture"]
+        self._t = {t.name: t for t in r.tensors}
+
+    def get(self, key: str, default=None):
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def has(self, name: str) -> bool:
+        return name in self._t
+
+    def w(self, name: str) -> np.ndarray:
+        """float64, numpy order (rows first); 3-D expert tensors as [n_experts, rows, cols]."""
+        t = self._t[name]
+        shape = [int(v) for v in reversed(t.shape)]
+        raw = np.asarray(t.data)
+        if QT(int(t.tensor_type)) in (QT.F32, QT.F16):
+            f = raw.astype(np.float64)
+        else:
+            f = dequantize(raw, QT(int(t.tensor_type))).astype(np.float64)
+        return f.reshape(shape)
+
+
+def forward(path: str, tokens: list[int]) -> np.ndarray:
+    """Whole model in float64 NumPy straight from the GGUF file (no activation quantization): logits [T, vocab].
+
+    Llama (adjacent-pair rope; Mixtral's experts), Qwen2 (q/k/v biases, NEOX rope), Qwen3 and Qwen3-MoE (q/k
+    RMS norms per head, NEOX rope), with llama.cpp's tensor names; rope with Llama 3.1 frequency factors and
+    linear scaling, computed here from the metadata."""
+    g = GGUFWeights(path)
+    dim = int(g.get("embedding_length"))
+    nh = int(g.get("attention.head_count"))
+    nkv = int(g.get("attention.head_count_kv", nh))
+    hd = int(g.get("attention.key_length", dim // nh))
+    eps = float(g.get("attention.layer_norm_rms_epsilon", 1e-5))
+    base = float(g.get("rope.freq_base", 10000.0))
+    scale = float(g.get("rope.scaling.factor", 1.0)) if g.get("rope.scaling.type") == "linear" else 1.0
+    neox = g.arch in ("qwen2", "qwen3", "qwen3moe")
+    n_exp, k_exp = int(g.get("expert_count", 0)), int(g.get("expert_used_count", 0))
+    T = len(tokens)
+    inv = base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    if g.has("rope_freqs.weight"):
+        inv = inv / g.w("rope_freqs.weight").reshape(-1)
+    ang = np.outer(np.arange(T, dtype=np.float64) / scale, inv)
+    cos, sin = np.cos(ang), np.sin(ang)
+    rot = rope_neox if neox else rope
+
+    def norm(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+    def silu(x):
+        return x / (1 + np.exp(-x))
+
+    x = g.w("token_embd.weight")[tokens]
     mask = np.triu(np.full((T, T), -np.inf), 1)
-    for layer in range(cfg.n_layers):
-        h = rmsnorm(x, model.layer(layer, "attn_norm").to_float()[0], cfg.norm_eps).astype(np.float64)
-        q = h @ W(model.layer(layer, "attn_q")).T
-        k = h @ W(model.layer(layer, "attn_k")).T
-        v = h @ W(model.layer(layer, "attn_v")).T
-        q = np.stack([rope(q[t], cfg.n_heads, hd, cos[t], sin[t]) for t in range(T)]).reshape(
-            T, cfg.n_heads, hd
-        )
-        k = np.stack([rope(k[t], cfg.n_kv_heads, hd, cos[t], sin[t]) for t in range(T)]).reshape(
-            T, cfg.n_kv_heads, hd
-        )
-        v = v.reshape(T, cfg.n_kv_heads, hd)
-        att = np.zeros((T, cfg.n_heads, hd))
-        for hh in range(cfg.n_heads):
-            kv = hh // cfg.group
+    for layer in range(int(g.get("block_count"))):
+        p = f"blk.{layer}."
+        h = norm(x, g.w(p + "attn_norm.weight"))
+        q, k, v = (h @ g.w(p + f"attn_{n}.weight").T for n in "qkv")
+        if g.has(p + "attn_q.bias"):
+            q, k, v = q + g.w(p + "attn_q.bias"), k + g.w(p + "attn_k.bias"), v + g.w(p + "attn_v.bias")
+        q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+        if g.has(p + "attn_q_norm.weight"):
+            q, k = norm(q, g.w(p + "attn_q_norm.weight")), norm(k, g.w(p + "attn_k_norm.weight"))
+        q = np.stack([rot(q[t].reshape(-1), nh, hd, cos[t], sin[t]) for t in range(T)]).astype(np.float64)
+        k = np.stack([rot(k[t].reshape(-1), nkv, hd, cos[t], sin[t]) for t in range(T)]).astype(np.float64)
+        q, k = q.reshape(T, nh, hd), k.reshape(T, nkv, hd)
+        att = np.zeros((T, nh, hd))
+        for hh in range(nh):
+            kv = hh // (nh // nkv)
             s = q[:, hh] @ k[:, kv].T / np.sqrt(hd) + mask
-            p = np.exp(s - s.max(axis=1, keepdims=True))
-            att[:, hh] = (p / p.sum(axis=1, keepdims=True)) @ v[:, kv]
-        x = x + att.reshape(T, -1) @ W(model.layer(layer, "attn_output")).T
-        h = rmsnorm(x, model.layer(layer, "ffn_norm").to_float()[0], cfg.norm_eps).astype(np.float64)
-        g = h @ W(model.layer(layer, "ffn_gate")).T
-        u = h @ W(model.layer(layer, "ffn_up")).T
-        x = x + (g / (1 + np.exp(-g)) * u) @ W(model.layer(layer, "ffn_down")).T
-    h = rmsnorm(x, model.output_norm.to_float()[0], cfg.norm_eps).astype(np.float64)
-    return (h @ W(model.output).T).astype(np.float32)
+            pr = np.exp(s - s.max(axis=1, keepdims=True))
+            att[:, hh] = (pr / pr.sum(axis=1, keepdims=True)) @ v[:, kv]
+        x = x + att.reshape(T, -1) @ g.w(p + "attn_output.weight").T
+        h = norm(x, g.w(p + "ffn_norm.weight"))
+        if n_exp:
+            logits = h @ g.w(p + "ffn_gate_inp.weight").T  # [T, n_experts]
+            pr = np.exp(logits - logits.max(axis=1, keepdims=True))
+            pr /= pr.sum(axis=1, keepdims=True)
+            gate, up, down = (g.w(p + f"ffn_{n}_exps.weight") for n in ("gate", "up", "down"))
+            y = np.zeros_like(x)
+            for t in range(T):
+                top = np.argsort(-pr[t], kind="stable")[:k_exp]
+                w = pr[t, top] / pr[t, top].sum()
+                for e, we in zip(top, w, strict=True):
+                    y[t] += we * (down[e] @ (silu(gate[e] @ h[t]) * (up[e] @ h[t])))
+            x = x + y
+        else:
+            x = x + (silu(h @ g.w(p + "ffn_gate.weight").T) * (h @ g.w(p + "ffn_up.weight").T)) @ g.w(p + "ffn_down.weight").T
+    out = g.w("output.weight") if g.has("output.weight") else g.w("token_embd.weight")
+    return (norm(x, g.w("output_norm.weight")) @ out.T).astype(np.float32)

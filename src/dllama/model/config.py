@@ -1,21 +1,16 @@
-"""Model configuration read from GGUF metadata (llama architecture family)."""
+"""The model's hyper-parameters, one dataclass for every architecture (what is absent in one family keeps its
+default). Filled from GGUF metadata by the architecture description (`dllama.arch`), shipped to workers in SETUP."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import numpy as np
-
-from dllama.errors import DllamaError
-
-SUPPORTED_ARCHS = ("llama",)  # SmolLM2, TinyLlama, Llama 2/3/3.1/3.2/3.3 and Mistral all use "llama" in GGUF
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str
     dim: int
-    hidden_dim: int
+    hidden_dim: int  # dense feed-forward rows (0 for a pure mixture-of-experts model)
     n_layers: int
     n_heads: int
     n_kv_heads: int
@@ -27,9 +22,15 @@ class ModelConfig:
     tied_output: bool
     name: str = ""
     rope_linear_scale: float = 1.0  # "linear" rope scaling: positions are divided by this factor
-    rope_freq_factors: tuple[float, ...] | None = field(
-        default=None, repr=False
-    )  # Llama 3.1 (rope_freqs.weight)
+    rope_freq_factors: tuple[float, ...] | None = field(default=None, repr=False)  # Llama 3.1 (rope_freqs)
+    rope_neox: bool = False  # rotate (x[i], x[i + head_dim/2]) instead of adjacent pairs (x[2i], x[2i+1])
+    attn_bias: bool = False  # q, k, v projections carry biases (Qwen2)
+    qk_norm: bool = False  # per-head RMS norm of q and k before rope (Qwen3)
+    sliding_window: int = 0  # attend to the last N positions only (0 = all)
+    n_experts: int = 0  # mixture of experts: experts per layer (0 = dense)
+    n_active_experts: int = 0  # experts each token is routed to
+    expert_hidden_dim: int = 0  # feed-forward rows of one expert
+    norm_topk: bool = True  # renormalize the chosen experts' router weights to sum to 1
 
     @property
     def q_dim(self) -> int:
@@ -43,56 +44,6 @@ class ModelConfig:
     def group(self) -> int:
         return self.n_heads // self.n_kv_heads
 
-    def rope_tables(self, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin: float32 [max_seq, head_dim/2] for interleaved-pair RoPE."""
-        half = self.head_dim // 2
-        freqs = self.rope_base ** (-np.arange(half, dtype=np.float64) * 2.0 / self.head_dim)
-        if self.rope_freq_factors is not None:
-            freqs = freqs / np.asarray(self.rope_freq_factors, dtype=np.float64)
-        angles = np.outer(np.arange(max_seq, dtype=np.float64) / self.rope_linear_scale, freqs)
-        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-
-
-def _get(meta: dict, key: str, default=None, required: bool = True):
-    if key in meta:
-        return meta[key]
-    if default is None and required:
-        raise DllamaError(f"model metadata lacks '{key}'")
-    return default
-
-
-def config_from_metadata(meta: dict, vocab_rows: int, tied: bool, freq_factors=None) -> ModelConfig:
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise DllamaError(
-            f"unsupported model architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
-        )
-    p = arch + "."
-    dim = int(_get(meta, p + "embedding_length"))
-    n_heads = int(_get(meta, p + "attention.head_count"))
-    n_kv = int(_get(meta, p + "attention.head_count_kv", n_heads))
-    head_dim = int(
-        meta.get(p + "attention.key_length") or meta.get(p + "rope.dimension_count") or dim // n_heads
-    )
-    scaling_type = meta.get(p + "rope.scaling.type", "none")
-    linear = float(meta.get(p + "rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0
-    cfg = ModelConfig(
-        arch=arch,
-        dim=dim,
-        hidden_dim=int(_get(meta, p + "feed_forward_length")),
-        n_layers=int(_get(meta, p + "block_count")),
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=head_dim,
-        vocab_size=int(meta.get(p + "vocab_size", vocab_rows)),
-        context_length=int(_get(meta, p + "context_length", 2048)),
-        rope_base=float(meta.get(p + "rope.freq_base", 10000.0)),
-        norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        tied_output=tied,
-        name=str(meta.get("general.name", "")),
-        rope_linear_scale=linear or 1.0,
-        rope_freq_factors=tuple(float(v) for v in freq_factors) if freq_factors is not None else None,
-    )
-    if cfg.n_heads % cfg.n_kv_heads or cfg.dim % 32 or cfg.hidden_dim % 32 or cfg.head_dim % 2:
-        raise DllamaError(f"unsupported model shape: {cfg}")
-    return cfg
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0

@@ -1,116 +1,31 @@
-"""A GGUF model file, memory-mapped: config + weights as zero-copy views.
+"""A GGUF model file, memory-mapped: config + weight views, checked against its architecture's description.
 
-Weights of a native type (F32, F16, Q4_0, Q4_1, Q8_0) are used in place from the memory map; any other
-type (Q5_x, K-quants, BF16, ...) is converted once at load to Q8_0 (matrices) or F32 (vectors), which keeps
-the model's quality, and one line says so. Nothing is ever re-quantized to 4 bits behind the user's back.
-"""
+Weights of a native type (F32, F16, Q4_0, Q4_1, Q8_0) are used in place from the memory map; any other type
+(Q5_x, K-quants, BF16, ...) is converted once at load to Q8_0 (matrices) or F32 (vectors), which keeps the model's
+quality, and one line says so. Nothing is ever re-quantized to 4 bits behind the user's back. Every tensor in the
+file must be one the architecture uses: a tensor we would silently ignore (e.g. attention biases in a `llama`
+file) is refused. A model split into `-0000i-of-0000n.gguf` parts loads as one."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from dllama.arch import OUTPUT, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBD, TensorSpec, architecture
 from dllama.engine import _kernels
 from dllama.errors import DllamaError
-from dllama.model.config import SUPPORTED_ARCHS, ModelConfig, config_from_metadata
+from dllama.model.config import ModelConfig
+from dllama.model.tensor_view import TensorView
+from dllama.model.weight_types import NATIVE, row_bytes
 
-NATIVE_TYPES = {QT.F32, QT.F16, QT.Q4_0, QT.Q4_1, QT.Q8_0}
-_BLOCK = {QT.Q4_0: (32, 18), QT.Q4_1: (32, 20), QT.Q8_0: (32, 34), QT.F16: (1, 2), QT.F32: (1, 4)}
-
-LAYER_TENSORS = (
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-)
-
-
-def row_bytes(qtype: int, cols: int) -> int:
-    block, size = _BLOCK[QT(qtype)]
-    return cols // block * size
-
-
-@dataclass(frozen=True)
-class TensorView:
-    """rows x cols of a weight matrix inside a contiguous uint8 buffer; a column slice keeps the parent's
-    row stride, so splitting a matrix by input columns needs no copy either."""
-
-    base: np.ndarray  # uint8, C-contiguous
-    offset: int
-    type: int
-    rows: int
-    cols: int
-    stride: int
-
-    @property
-    def row_bytes(self) -> int:
-        return row_bytes(self.type, self.cols)
-
-    @property
-    def nbytes(self) -> int:
-        return self.rows * self.row_bytes
-
-    def row_slice(self, r0: int, r1: int) -> TensorView:
-        return TensorView(
-            self.base, self.offset + r0 * self.stride, self.type, r1 - r0, self.cols, self.stride
-        )
-
-    def col_slice(self, c0: int, c1: int) -> TensorView:
-        if self.type in (QT.Q4_0, QT.Q4_1, QT.Q8_0) and (c0 % 32 or c1 % 32):
-            raise DllamaError(f"column split [{c0}, {c1}) is not aligned to 32-element quant blocks")
-        return TensorView(
-            self.base, self.offset + row_bytes(self.type, c0), self.type, self.rows, c1 - c0, self.stride
-        )
-
-    def contiguous(self) -> np.ndarray:
-        """The region as a packed uint8 array [rows, row_bytes] (a view when already packed)."""
-        rb = self.row_bytes
-        if self.stride == rb:
-            return self.base[self.offset : self.offset + self.nbytes]
-        rows = np.lib.stride_tricks.as_strided(
-            self.base[self.offset :], shape=(self.rows, rb), strides=(self.stride, 1), writeable=False
-        )
-        return np.ascontiguousarray(rows).reshape(-1)
-
-    def packed_copy(self) -> TensorView:
-        """The region copied into its own anonymous, packed buffer. A node holding a slice reads it ~2x faster
-        this way than through strided views of the file mapping (measured on the 1B shape: 38 -> 19 ms per
-        token for half the model), and holds only its slice in memory."""
-        data = np.empty(self.nbytes, dtype=np.uint8)
-        data[:] = self.contiguous()
-        return TensorView(data, 0, self.type, self.rows, self.cols, self.row_bytes)
-
-    @staticmethod
-    def packed(data: np.ndarray, qtype: int, rows: int, cols: int) -> TensorView:
-        data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-        if data.nbytes != rows * row_bytes(qtype, cols):
-            raise DllamaError("tensor data size does not match its shape")
-        return TensorView(data, 0, int(qtype), rows, cols, row_bytes(qtype, cols))
-
-    def dequantize_rows(self, ids) -> np.ndarray:
-        """float32 [len(ids), cols] (embedding lookup)."""
-        out = np.empty((len(ids), self.cols), dtype=np.float32)
-        rb = self.row_bytes
-        for i, r in enumerate(ids):
-            start = self.offset + int(r) * self.stride
-            _kernels.dequantize(self.base[start : start + rb], self.type, out[i])
-        return out
-
-    def to_float(self) -> np.ndarray:
-        """float32 [rows, cols] (tests and references)."""
-        return self.dequantize_rows(range(self.rows))
+_SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
 def _read_metadata(reader: GGUFReader) -> dict:
@@ -125,43 +40,61 @@ def _read_metadata(reader: GGUFReader) -> dict:
     return meta
 
 
+def split_parts(path: str) -> list[str]:
+    """All parts of a split GGUF given its first part (or [path] for a single file)."""
+    m = _SPLIT_NAME.match(path)
+    if not m:
+        return [path]
+    n = int(m.group(3))
+    parts = [f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    missing = [p for p in parts if not os.path.exists(p)]
+    if missing:
+        raise DllamaError(f"split model is missing part(s): {', '.join(os.path.basename(p) for p in missing)}")
+    return parts
+
+
+def _open(path: str) -> GGUFReader:
+    if not os.path.exists(path):
+        raise DllamaError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise DllamaError(f"model path is a directory, not a GGUF file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise DllamaError(f"not a GGUF file (bad magic {magic!r}): {path}")
+    try:
+        return GGUFReader(path, "r")
+    except Exception as e:  # noqa: BLE001 - gguf-py raises many types on corrupt files
+        raise DllamaError(f"cannot read GGUF file {path} (truncated or corrupt?): {e}") from None
+
+
 class GGUFModel:
-    """Config + weight views of one GGUF file."""
+    """Config + weight views of one GGUF model (one file or all parts of a split one)."""
 
     def __init__(self, path: str, *, verbose: bool = True):
         self.path = os.path.abspath(path)
-        if not os.path.exists(path):
-            raise DllamaError(f"model file not found: {path}")
-        if os.path.isdir(path):
-            raise DllamaError(f"model path is a directory, not a GGUF file: {path}")
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise DllamaError(f"not a GGUF file (bad magic {magic!r}): {path}")
-        try:
-            self.reader = GGUFReader(path, "r")
-        except Exception as e:  # noqa: BLE001 - gguf-py raises many types on corrupt files
-            raise DllamaError(f"cannot read GGUF file {path} (truncated or corrupt?): {e}") from None
-        self.file_size = os.path.getsize(path)
+        self.parts = split_parts(self.path)
+        self.reader = _open(self.parts[0])
+        self.readers = [self.reader] + [_open(p) for p in self.parts[1:]]
+        self.file_size = sum(os.path.getsize(p) for p in self.parts)
         self.metadata = _read_metadata(self.reader)
-        arch = self.metadata.get("general.architecture")
-        if arch not in SUPPORTED_ARCHS:
-            raise DllamaError(
-                f"unsupported model architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHS)})"
-            )
+        self.arch = architecture(self.metadata.get("general.architecture"))
         self.tensors: dict[str, TensorView] = {}
         converted: Counter = Counter()
-        for t in self.reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > self.file_size or t.data.nbytes != int(t.n_bytes):
-                raise DllamaError(f"GGUF file is truncated: tensor '{t.name}' ends past the end of {path}")
-            self.tensors[t.name] = self._view(t, converted)
-        if converted:
+        for part, reader in zip(self.parts, self.readers, strict=True):
+            size = os.path.getsize(part)
+            for t in reader.tensors:
+                end = int(t.data_offset) + int(t.n_bytes)
+                if end > size or t.data.nbytes != int(t.n_bytes):
+                    raise DllamaError(f"GGUF file is truncated: tensor '{t.name}' ends past the end of {part}")
+                self.tensors[t.name] = self._view(t, converted)
+        if converted and verbose:
             kinds = ", ".join(f"{n} x {k}" for k, n in sorted(converted.items()))
-            if verbose:
-                print(f"note: converted at load to a native type: {kinds}", file=sys.stderr)
+            print(f"note: converted at load to a native type: {kinds}", file=sys.stderr)
         self.converted = dict(converted)
         self.config = self._config()
+        self.specs: list[TensorSpec] = self.arch.layer_tensors(self.config)
+        self._check_tensors()
 
     @staticmethod
     def _view(t, converted: Counter) -> TensorView:
@@ -169,7 +102,7 @@ class GGUFModel:
         shape = [int(s) for s in t.shape]  # GGUF order: ne0 (columns) first
         cols = shape[0]
         rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        if qtype in NATIVE_TYPES and not (rows == 1 and qtype != QT.F32):
+        if qtype in NATIVE and not (rows == 1 and qtype != QT.F32):
             data = np.asarray(t.data).view(np.uint8).reshape(-1)
             return TensorView(data, 0, int(qtype), rows, cols, row_bytes(qtype, cols))
         # not computed natively: vectors become F32, matrices Q8_0 (never fewer bits than the source)
@@ -186,62 +119,65 @@ class GGUFModel:
         return TensorView.packed(q, QT.Q8_0, rows, cols)
 
     def _config(self) -> ModelConfig:
-        emb = self.tensors.get("token_embd.weight")
+        emb = self.tensors.get(TOKEN_EMBD)
         if emb is None:
-            raise DllamaError("model has no token_embd.weight tensor")
-        tied = "output.weight" not in self.tensors
-        ff = self.tensors.get("rope_freqs.weight")
-        cfg = config_from_metadata(
-            self.metadata, emb.rows, tied, ff.to_float()[0] if ff is not None else None
-        )
-        self._check_shapes(cfg)
-        return cfg
+            raise DllamaError(f"model has no {TOKEN_EMBD} tensor")
+        ff = self.tensors.get(ROPE_FREQS)
+        freqs = ff.to_float()[0] if ff is not None else None
+        return self.arch.config(self.metadata, emb.rows, OUTPUT.name not in self.tensors, freqs)
 
-    def _check_shapes(self, cfg: ModelConfig) -> None:
-        expect = {
-            "attn_norm": (1, cfg.dim),
-            "attn_q": (cfg.q_dim, cfg.dim),
-            "attn_k": (cfg.kv_dim, cfg.dim),
-            "attn_v": (cfg.kv_dim, cfg.dim),
-            "attn_output": (cfg.dim, cfg.q_dim),
-            "ffn_norm": (1, cfg.dim),
-            "ffn_gate": (cfg.hidden_dim, cfg.dim),
-            "ffn_up": (cfg.hidden_dim, cfg.dim),
-            "ffn_down": (cfg.dim, cfg.hidden_dim),
-        }
+    def _check_tensors(self) -> None:
+        cfg = self.config
+        expect: dict[str, tuple[int, int]] = {
+            TOKEN_EMBD: (cfg.vocab_size, cfg.dim), OUTPUT_NORM.name: OUTPUT_NORM.shape(cfg),
+        }  # fmt: skip
+        if not cfg.tied_output:
+            expect[OUTPUT.name] = OUTPUT.shape(cfg)
+        if ROPE_FREQS in self.tensors:
+            expect[ROPE_FREQS] = (1, cfg.head_dim // 2)
         for layer in range(cfg.n_layers):
-            for name, shape in expect.items():
-                key = f"blk.{layer}.{name}.weight"
-                t = self.tensors.get(key)
-                if t is None:
-                    raise DllamaError(
-                        f"model lacks tensor '{key}' (unsupported variant of the architecture?)"
-                    )
-                if (t.rows, t.cols) != shape:
-                    raise DllamaError(f"tensor '{key}' has shape {(t.rows, t.cols)}, expected {shape}")
-        if (self.embedding.rows, self.embedding.cols) != (cfg.vocab_size, cfg.dim):
-            raise DllamaError("token_embd.weight does not match vocab_size x dim")
+            for spec in self.specs:
+                rows, cols = spec.shape(cfg)
+                expect[f"blk.{layer}.{spec.name}"] = (rows * (cfg.n_experts if spec.experts else 1), cols)
+        for key, shape in expect.items():
+            t = self.tensors.get(key)
+            if t is None:
+                raise DllamaError(f"model lacks tensor '{key}' (unsupported variant of the {cfg.arch} architecture?)")
+            if (t.rows, t.cols) != shape:
+                raise DllamaError(f"tensor '{key}' has shape {(t.rows, t.cols)}, expected {shape}")
+        unused = sorted(set(self.tensors) - set(expect))
+        if unused:
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            raise DllamaError(
+                f"model has tensors the {cfg.arch} architecture does not use: {', '.join(unused[:3])}{more} "
+                "(a variant dllama does not support; running without them would give wrong output)"
+            )
+        for spec in (s for s in self.specs if s.vector):
+            for layer in range(cfg.n_layers):
+                if self.layer(layer, spec.name).type != QT.F32:
+                    raise DllamaError(f"tensor 'blk.{layer}.{spec.name}' must be F32")
 
     # ---- accessors ----
     def layer(self, layer: int, name: str) -> TensorView:
-        return self.tensors[f"blk.{layer}.{name}.weight"]
+        """Tensor `name` of block `layer` ("attn_q.weight"; a bare "attn_q" means its weight)."""
+        return self.tensors[f"blk.{layer}.{name if '.' in name else name + '.weight'}"]
 
     @property
     def embedding(self) -> TensorView:
-        return self.tensors["token_embd.weight"]
+        return self.tensors[TOKEN_EMBD]
 
     @property
     def output(self) -> TensorView:
-        return self.tensors.get("output.weight", self.embedding)
+        return self.tensors.get(OUTPUT.name, self.embedding)
 
     @property
     def output_norm(self) -> TensorView:
-        return self.tensors["output_norm.weight"]
+        return self.tensors[OUTPUT_NORM.name]
 
     def embed(self, ids) -> np.ndarray:
         return self.embedding.dequantize_rows(ids)
 
     def weight_bytes_per_token(self) -> int:
-        """Bytes of weights read for one decoded token (everything but the embedding table)."""
+        """Bytes of weights read for one decoded token (everything but the embedding table; all experts)."""
         n = sum(t.nbytes for k, t in self.tensors.items() if k.startswith("blk."))
         return n + self.output.nbytes + self.output_norm.nbytes

@@ -1,71 +1,33 @@
-"""The dllama wire protocol (version 1): length-prefixed typed frames over TCP.
+"""Framing and the handshake of the dllama protocol; the messages themselves are in messages.py.
 
-Frame = 8-byte header `<2sBBI` (magic b"DL", type, flags=0, payload length) + payload. Every length is checked
-against the type's limit before a byte of payload is allocated; payloads are fixed structs, raw tensor bytes or
-small JSON objects -- never pickle.
+Frame = 8-byte header `<2sBBI` (magic b"DL", type, flags=0, payload length) + payload. The header is checked
+(magic, known type, length within the type's limit and the caller's tighter bound) before the payload is read.
 
 Handshake (every connection, before anything else is accepted):
   client -> HELLO     {version, role, client nonce, [session id, node index]}
-  server -> CHALLENGE {version, server nonce, model hash}
+  server -> CHALLENGE {version, server nonce}
   client -> AUTH      HMAC(key, "dllama-client" | server nonce | client nonce | role)
-  server -> AUTH_OK   HMAC(key, "dllama-server" | client nonce | server nonce | role)
-The key is the cluster secret for the root (so a worker obeys only a root that knows it, and the root knows it
-talks to a real worker); between workers it is a per-session key the root handed out. The secret never
-travels. A version mismatch is answered with ERROR and the connection closed.
-"""
+  server -> AUTH_OK   HMAC(key, "dllama-server" | client nonce | server nonce | role), then its model's sha256
+The key is the cluster secret between root and worker (a worker obeys only a root that knows it, and the root
+knows it talks to a real worker). Between workers it is a per-session key each derives from the cluster secret and
+the session id (`session_key`): it never travels. A version mismatch is answered with ERROR."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import socket
-import struct
 
 from dllama.errors import DllamaError
+from dllama.net import messages as M
+from dllama.net.messages import HEADER, LIMITS, NAMES, ProtocolError
 
-VERSION = 1
-MAGIC = b"DL"
-HEADER = struct.Struct("<2sBBI")
-
-# message types
-HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, SETUP, TENSOR, READY, FORWARD, PARTIAL, STOP, ABORT, LOGITS = range(
-    1, 14
-)
-NAMES = {v: k for k, v in dict(
-    HELLO=HELLO, CHALLENGE=CHALLENGE, AUTH=AUTH, AUTH_OK=AUTH_OK, ERROR=ERROR, SETUP=SETUP, TENSOR=TENSOR,
-    READY=READY, FORWARD=FORWARD, PARTIAL=PARTIAL, STOP=STOP, ABORT=ABORT, LOGITS=LOGITS,
-).items()}  # fmt: skip
-
-ROLE_ROOT, ROLE_PEER = 1, 2
-
-HELLO_S = struct.Struct("<HB16s16sH")  # version, role, client nonce, session id, node index
-CHALLENGE_S = struct.Struct(
-    "<H16s32s"
-)  # version, server nonce, sha256 of the worker's local model (or zeros)
-TENSOR_S = struct.Struct("<iiiii")  # layer (-1 global), slot, type, rows, cols; raw bytes follow
-FORWARD_S = struct.Struct(
-    "<IIii"
-)  # pos, T, embedding type, logits wanted (LOGITS_*); T embedding rows follow
-LOGITS_NONE, LOGITS_ARGMAX, LOGITS_FULL = 0, 1, 2  # nothing / (best logit, its id) / the f32 logits slice
-ARGMAX_S = struct.Struct("<fI")
-PARTIAL_S = struct.Struct("<I")  # sync step (2 * layer + 0/1); partial sums follow
-
-# payload limits per type (bytes); TENSOR / FORWARD / PARTIAL are further checked against exact expected sizes
-LIMITS = {
-    HELLO: HELLO_S.size, CHALLENGE: CHALLENGE_S.size, AUTH: 32, AUTH_OK: 32, ERROR: 4096, SETUP: 1 << 20,
-    TENSOR: TENSOR_S.size + (8 << 30), READY: 1 << 16, FORWARD: FORWARD_S.size + (1 << 30),
-    PARTIAL: PARTIAL_S.size + (1 << 30), STOP: 0, ABORT: 4096, LOGITS: 4 << 22,
-}  # fmt: skip
-
-
-class ProtocolError(DllamaError):
-    """The peer broke the protocol (bad magic, type, size, authentication, ...)."""
+__all__ = ["PeerClosed", "ProtocolError", "RemoteError"]
 
 
 class PeerClosed(DllamaError):
-    """The peer closed the connection."""
+    """The peer closed the connection (or stopped answering)."""
 
 
 class RemoteError(DllamaError):
@@ -73,86 +35,59 @@ class RemoteError(DllamaError):
 
 
 def header(mtype: int, length: int) -> bytes:
-    return HEADER.pack(MAGIC, mtype, 0, length)
+    return HEADER.pack(M.MAGIC, mtype, 0, length)
 
 
-def send(sock: socket.socket, mtype: int, payload: bytes | memoryview = b"") -> int:
-    sock.sendall(header(mtype, len(payload)))
-    if len(payload):
-        sock.sendall(payload)
-    return HEADER.size + len(payload)
+def send(conn, msg: M.Message) -> None:
+    payload = msg.encode()
+    conn.sendall(header(msg.TYPE, len(payload)) + payload)
 
 
-def send_json(sock: socket.socket, mtype: int, obj) -> int:
-    return send(sock, mtype, json.dumps(obj, separators=(",", ":")).encode())
+def send_error(conn, text: str) -> None:
+    """Best effort: tell the peer why we give up."""
+    try:
+        send(conn, M.Error(text))
+    except (OSError, DllamaError):
+        pass
 
 
-def recv_exact(sock: socket.socket, n: int, buf: memoryview | None = None) -> memoryview:
+def recv_exact(conn, n: int, buf: memoryview | None = None) -> memoryview:
     """Exactly n bytes (into `buf` when given); PeerClosed on EOF."""
     out = buf if buf is not None else memoryview(bytearray(n))
     got = 0
     while got < n:
-        k = sock.recv_into(out[got:n], n - got)
+        k = conn.recv_into(out[got:n], n - got)
         if k == 0:
-            raise PeerClosed(f"{getattr(sock, 'name', 'peer')} closed the connection")
+            raise PeerClosed(f"{getattr(conn, 'name', 'peer')} closed the connection")
         got += k
     return out[:n]
 
 
-def parse_header(raw: bytes | memoryview, expect: tuple[int, ...] | None = None) -> tuple[int, int]:
-    magic, mtype, flags, length = HEADER.unpack(raw)
-    if magic != MAGIC or flags != 0:
+def recv_header(conn, expect: tuple[int, ...], max_len: int | None = None) -> tuple[int, int]:
+    """(type, payload length) of the next frame, which must be one of `expect`. An ERROR / ABORT frame instead is
+    read and raised as RemoteError."""
+    magic, mtype, flags, length = HEADER.unpack(recv_exact(conn, HEADER.size))
+    if magic != M.MAGIC or flags != 0:
         raise ProtocolError("bad frame header (not a dllama peer?)")
     if mtype not in LIMITS:
         raise ProtocolError(f"unknown message type {mtype}")
     if length > LIMITS[mtype]:
         raise ProtocolError(f"{NAMES[mtype]} of {length} bytes exceeds the limit of {LIMITS[mtype]}")
-    if expect is not None and mtype not in expect and mtype not in (ERROR, ABORT):
-        want = "/".join(NAMES[e] for e in expect)
-        raise ProtocolError(f"expected {want}, got {NAMES[mtype]}")
+    if mtype in (M.ERROR, M.ABORT):
+        raise RemoteError(M.explanation(mtype, bytes(recv_exact(conn, length)) if length else b""))
+    if mtype not in expect:
+        raise ProtocolError(f"expected {'/'.join(NAMES[e] for e in expect)}, got {NAMES[mtype]}")
+    if max_len is not None and length > max_len:
+        raise ProtocolError(f"{NAMES[mtype]} of {length} bytes exceeds the expected {max_len}")
     return mtype, length
 
 
-def recv(
-    sock: socket.socket, expect: tuple[int, ...] | None = None, max_len: int | None = None
-) -> tuple[int, bytes]:
-    """One frame. ERROR / ABORT frames raise RemoteError; `max_len` tightens the type's limit."""
-    mtype, length = parse_header(recv_exact(sock, HEADER.size), expect)
-    if max_len is not None and length > max_len and mtype not in (ERROR, ABORT):
-        raise ProtocolError(f"{NAMES[mtype]} of {length} bytes exceeds the expected {max_len}")
-    payload = bytes(recv_exact(sock, length)) if length else b""
-    if mtype in (ERROR, ABORT):
-        raise RemoteError(decode_error(mtype, payload))
-    return mtype, payload
-
-
-def recv_json(sock: socket.socket, mtype: int) -> dict:
-    _, payload = recv(sock, (mtype,))
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError(f"malformed {NAMES[mtype]} payload") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"malformed {NAMES[mtype]} payload")
-    return obj
-
-
-def decode_error(mtype: int, payload: bytes) -> str:
-    text = payload.decode("utf-8", "replace")
-    if mtype == ABORT:
-        try:
-            obj = json.loads(text)
-            return f"node {obj.get('failed_node')} failed: {obj.get('reason')}"
-        except json.JSONDecodeError:
-            pass
-    return text
-
-
-def send_error(sock: socket.socket, message: str) -> None:
-    try:
-        send(sock, ERROR, message.encode()[:4096])
-    except OSError:
-        pass
+def recv(conn, *classes: type[M.Message], **decode_kw) -> M.Message:
+    """The next message, decoded as whichever of `classes` its type says."""
+    by_type = {c.TYPE: c for c in classes}
+    mtype, length = recv_header(conn, tuple(by_type))
+    payload = bytes(recv_exact(conn, length)) if length else b""
+    return by_type[mtype].decode(payload, **decode_kw)
 
 
 # ---- authentication ----
@@ -162,58 +97,54 @@ def key_of(secret: str | bytes | None) -> bytes:
     return secret.encode() if isinstance(secret, str) else secret
 
 
+def session_key(cluster_key: bytes, session_id: bytes) -> bytes:
+    """The key workers of one session authenticate each other with, derived on each side (never sent)."""
+    return hmac.new(cluster_key, b"dllama-session" + session_id, hashlib.sha256).digest()
+
+
 def _mac(key: bytes, label: bytes, a: bytes, b: bytes, role: int) -> bytes:
     return hmac.new(key, label + a + b + bytes([role]), hashlib.sha256).digest()
 
 
-def client_handshake(
-    sock: socket.socket, key: bytes, role: int, session_id: bytes = b"\0" * 16, index: int = 0
-) -> bytes:
+def client_handshake(conn, key: bytes, role: int, session_id: bytes = b"\0" * 16, index: int = 0) -> bytes:
     """Runs the client side; returns the server's model hash (32 bytes, zeros when it has no model)."""
     nonce = os.urandom(16)
-    send(sock, HELLO, HELLO_S.pack(VERSION, role, nonce, session_id, index))
-    _, payload = recv(sock, (CHALLENGE,), CHALLENGE_S.size)
-    if len(payload) != CHALLENGE_S.size:
-        raise ProtocolError("malformed CHALLENGE")
-    version, server_nonce, model_hash = CHALLENGE_S.unpack(payload)
-    if version != VERSION:
-        raise ProtocolError(f"protocol version mismatch: we speak {VERSION}, the peer {version}")
-    send(sock, AUTH, _mac(key, b"dllama-client", server_nonce, nonce, role))
-    _, proof = recv(sock, (AUTH_OK,), 32)
-    if not hmac.compare_digest(proof, _mac(key, b"dllama-server", nonce, server_nonce, role)):
+    send(conn, M.Hello(M.VERSION, role, nonce, session_id, index))
+    ch = recv(conn, M.Challenge)
+    if ch.version != M.VERSION:
+        raise ProtocolError(f"protocol version mismatch: we speak {M.VERSION}, the peer {ch.version}")
+    send(conn, M.Auth(_mac(key, b"dllama-client", ch.nonce, nonce, role)))
+    ok = recv(conn, M.AuthOk)
+    if not hmac.compare_digest(ok.proof, _mac(key, b"dllama-server", nonce, ch.nonce, role)):
         raise ProtocolError("the peer could not prove it knows the cluster secret")
-    return model_hash
+    return ok.model_hash
 
 
-def server_read_hello(sock: socket.socket) -> tuple[int, bytes, bytes, int]:
-    """First step of the server side: (role, client nonce, session id, index). Rejects other versions."""
-    _, payload = recv(sock, (HELLO,), HELLO_S.size)
-    if len(payload) != HELLO_S.size:
-        raise ProtocolError("malformed HELLO")
-    version, role, nonce, session_id, index = HELLO_S.unpack(payload)
-    if version != VERSION:
-        send_error(sock, f"protocol version mismatch: worker speaks {VERSION}, you {version}")
-        raise ProtocolError(f"protocol version mismatch (peer speaks {version})")
-    if role not in (ROLE_ROOT, ROLE_PEER):
+def server_read_hello(conn) -> M.Hello:
+    """First step of the server side. Rejects other versions and roles."""
+    _, length = recv_header(conn, (M.HELLO,))
+    hello = M.Hello.decode(bytes(recv_exact(conn, length)))
+    if hello.version != M.VERSION:
+        send_error(conn, f"protocol version mismatch: worker speaks {M.VERSION}, you {hello.version}")
+        raise ProtocolError(f"protocol version mismatch (peer speaks {hello.version})")
+    if hello.role not in (M.ROLE_ROOT, M.ROLE_PEER):
         raise ProtocolError("bad role in HELLO")
-    return role, nonce, session_id, index
+    return hello
 
 
-def server_authenticate(
-    sock: socket.socket, key: bytes, role: int, client_nonce: bytes, model_hash: bytes, refuse=None
-) -> None:
+def server_authenticate(conn, key: bytes, hello: M.Hello, model_hash: bytes, refuse=None) -> None:
     """Verifies the client's proof. `refuse()` may then return a reason (e.g. busy) sent instead of AUTH_OK."""
     nonce = os.urandom(16)
-    send(sock, CHALLENGE, CHALLENGE_S.pack(VERSION, nonce, model_hash))
-    _, proof = recv(sock, (AUTH,), 32)
-    if not hmac.compare_digest(proof, _mac(key, b"dllama-client", nonce, client_nonce, role)):
-        send_error(sock, "authentication failed (wrong cluster secret)")
+    send(conn, M.Challenge(M.VERSION, nonce))
+    proof = recv(conn, M.Auth).proof
+    if not hmac.compare_digest(proof, _mac(key, b"dllama-client", nonce, hello.nonce, hello.role)):
+        send_error(conn, "authentication failed (wrong cluster secret)")
         raise ProtocolError("authentication failed (wrong cluster secret)")
     reason = refuse() if refuse else None
     if reason:
-        send_error(sock, reason)
+        send_error(conn, reason)
         raise RemoteError(reason)
-    send(sock, AUTH_OK, _mac(key, b"dllama-server", client_nonce, nonce, role))
+    send(conn, M.AuthOk(_mac(key, b"dllama-server", hello.nonce, nonce, hello.role), model_hash))
 
 
 # ---- sockets ----

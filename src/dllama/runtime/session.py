@@ -1,11 +1,10 @@
 """A conversation with the model: the tokens held in the KV cache, prefix reuse, and the generation loop.
 
-Front ends (inference, chat, API) all go through `Session`; it does not know whether the model runs on one
-node or many (that is the `Root`'s business)."""
+Front ends (inference, chat, API) all go through `Session` (opened by dllama.service); it does not know whether
+the model runs on one node or many (that is the runner's business, `Root`)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -13,6 +12,14 @@ import numpy as np
 from dllama.errors import DllamaError
 from dllama.runtime.stats import Stats, Step
 from dllama.sampling.sampler import Sampler
+
+
+def check_prompt_length(n_tokens: int, max_seq: int) -> None:
+    """The one prompt-length rule: a prompt needs at least one token and room for one generated token."""
+    if n_tokens < 1:
+        raise DllamaError("the prompt encodes to no tokens")
+    if n_tokens >= max_seq:
+        raise DllamaError(f"prompt has {n_tokens} tokens but the context holds {max_seq} (--max-seq-len)")
 
 
 class Session:
@@ -37,28 +44,16 @@ class Session:
         logits = None
         for i in range(0, len(ids), B):
             chunk = ids[i : i + B]
-            t0 = time.perf_counter()
-            net0, s0, r0 = self.root.network_s, self.root.bytes_sent, self.root.bytes_recv
             last = i + B >= len(ids)
-            logits = self.root.forward(chunk, pos + i, self.logits_mode if last else "none")
-            total = time.perf_counter() - t0
-            net = self.root.network_s - net0
-            kind.append(
-                Step(
-                    len(chunk), total, total - net, net, self.root.bytes_sent - s0, self.root.bytes_recv - r0
-                )
-            )
+            r = self.root.run(chunk, pos + i, self.logits_mode if last else "none")
+            logits = r.logits
+            kind.append(r.step)
         return logits
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Make the cache hold exactly `ids`; returns the logits after the last one. Only the part after the
         longest common prefix with the cached tokens is computed."""
-        if not ids:
-            raise DllamaError("empty prompt")
-        if len(ids) >= self.max_seq:
-            raise DllamaError(
-                f"prompt has {len(ids)} tokens but the context holds {self.max_seq} (--max-seq-len)"
-            )
+        check_prompt_length(len(ids), self.max_seq)
         common = 0
         for a, b in zip(self.tokens, ids, strict=False):
             if a != b:
@@ -82,7 +77,9 @@ class Session:
         """Yields generated token ids (stop tokens are not yielded). Sets `finish_reason` to "stop",
         "length" or "cancelled"."""
         self.finish_reason = None
-        self.logits_mode = "argmax" if sampler.temperature == 0 else "full"
+        # greedy: workers send only their best logit, unless the sampler wants to see every logit (logprobs)
+        full = getattr(sampler, "needs_full_logits", False)
+        self.logits_mode = "argmax" if sampler.temperature == 0 and not full else "full"
         logits = self.prefill(ids)
         stop_ids = frozenset(stop_ids)
         for n in range(max_new_tokens):

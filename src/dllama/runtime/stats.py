@@ -11,7 +11,7 @@ class Step:
     total_s: float
     compute_s: float
     network_s: float  # time blocked on synchronisation
-    sent: int  # bytes sent by the root
+    sent: int  # bytes sent by the root, counted at its sockets
     recv: int  # bytes received by the root
 
 

@@ -1,26 +1,30 @@
 """The tensor-parallel split: which rows / columns of each tensor every node holds.
 
-Megatron-style, as in the original system: q, k, v, gate and up are split by output rows (whole heads, whole
-32-row blocks of the feed-forward), o and down by input columns, so each node's o / down result is a full-length
-partial sum that is added across nodes. Each node owns whole KV groups (its KV heads and the query heads that
-read them) and the KV cache of those heads only. Norms are copied. The embedding stays on the root, which sends
-each token's embedding row (a few hundred bytes) instead of an f32 vector. The output head is split by vocabulary
-rows like the other row-split tensors; for greedy decoding each worker returns only its best (logit, id), for
-sampling its f32 logits slice.
+Megatron-style, as in the original system: tensors split by output rows (q, k, v, gate, up, the output head) give
+each node whole outputs; tensors split by input columns (attention output, down) give each node a full-length
+partial sum that is added across nodes. Each node owns whole KV groups (its KV heads and the query heads that read
+them) and the KV cache of those heads only. A mixture-of-experts layer is split inside every expert (each node holds
+its slice of every expert, as the original does). Which rule cuts which tensor is declared by the architecture
+(`dllama.arch`); this module only decides the ranges.
 
-Any node count up to n_kv_heads works, even when it does not divide the model (3, 5, 6 nodes): shares are
-unequal whole heads / blocks. `weights` gives faster nodes a larger share. N=1 is the same code.
+Any node count up to n_kv_heads works, even when it does not divide the model (3, 5, 6 nodes): shares are unequal
+whole heads / blocks. `weights` gives faster nodes a larger share. N=1 is the same code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
+from dllama.arch import OUTPUT, OUTPUT_NORM, Split, TensorSpec, architecture
 from dllama.errors import DllamaError
 from dllama.model.config import ModelConfig
-from dllama.model.gguf_model import LAYER_TENSORS, TensorView
+from dllama.model.tensor_view import TensorView
 
-FFN_UNIT = 32  # feed-forward rows move in whole quant blocks so `down` column slices stay block-aligned
+FFN_UNIT = 32  # feed-forward rows move in whole 32-blocks: column slices of down stay block-aligned for every
+# native type, and row slices keep whole groups of 8 rows for the repacked layout
+VOCAB_UNIT = 8  # output-head rows in whole repack groups
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class NodeShare:
     index: int
     kv_heads: tuple[int, int]  # [start, end) of global KV heads
     heads: tuple[int, int]  # query heads reading those KV heads
-    ffn: tuple[int, int]  # feed-forward rows
+    ffn: tuple[int, int]  # feed-forward rows (of the dense feed-forward, or of every expert)
     vocab: tuple[int, int]  # output-head rows
 
     @property
@@ -68,6 +72,23 @@ def _apportion(total: int, shares: list[float], minimum: int = 0) -> list[int]:
     return out
 
 
+def ffn_rows(cfg: ModelConfig) -> int:
+    """Rows of the feed-forward that is split: the dense one, or one expert's."""
+    return cfg.expert_hidden_dim if cfg.moe else cfg.hidden_dim
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One tensor a node holds: block `layer` (-1 outside the blocks), its description, expert (-1 if none) and
+    the shape of the node's part."""
+
+    layer: int
+    spec: TensorSpec
+    expert: int
+    rows: int
+    cols: int
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     cfg: ModelConfig
@@ -92,49 +113,87 @@ class SplitPlan:
         total_w = sum(weights)
         kv = _apportion(cfg.n_kv_heads, weights, minimum=1)
         # balance each layer's work (weights read per token): attention is coarse (whole KV groups), the
-        # feed-forward fills each node up to its share
-        d = cfg.dim
+        # feed-forward (all active experts for MoE) fills each node up to its share
+        d, rows = cfg.dim, ffn_rows(cfg)
         attn_per_kv = d * cfg.head_dim * (2 * cfg.group + 2)
-        ffn_per_unit = 3 * d * FFN_UNIT
-        total = cfg.n_kv_heads * attn_per_kv + cfg.hidden_dim // FFN_UNIT * ffn_per_unit
+        ffn_per_unit = 3 * d * FFN_UNIT * max(1, cfg.n_active_experts)
+        total = cfg.n_kv_heads * attn_per_kv + rows // FFN_UNIT * ffn_per_unit
         want = [max(0.0, total * w / total_w - kv[i] * attn_per_kv) for i, w in enumerate(weights)]
-        units = _apportion(cfg.hidden_dim // FFN_UNIT, want if sum(want) > 0 else weights)
-        vocab = [8 * u for u in _apportion(cfg.vocab_size // 8, weights)]
-        vocab[-1] += (
-            cfg.vocab_size % 8
-        )  # whole groups of 8 rows (the repacked layout), the rest to the last node
+        units = _apportion(rows // FFN_UNIT, want if sum(want) > 0 else weights)
+        vocab = [VOCAB_UNIT * u for u in _apportion(cfg.vocab_size // VOCAB_UNIT, weights)]
+        vocab[-1] += cfg.vocab_size % VOCAB_UNIT  # the rest to the last node
         nodes, kv0, f0, v0 = [], 0, 0, 0
         for i in range(n_nodes):
             f1 = f0 + units[i] * FFN_UNIT
-            nodes.append(
-                NodeShare(
-                    index=i,
-                    kv_heads=(kv0, kv0 + kv[i]),
-                    heads=(kv0 * cfg.group, (kv0 + kv[i]) * cfg.group),
-                    ffn=(f0, f1),
-                    vocab=(v0, v0 + vocab[i]),
-                )
-            )
+            nodes.append(NodeShare(i, (kv0, kv0 + kv[i]), (kv0 * cfg.group, (kv0 + kv[i]) * cfg.group),
+                                   (f0, f1), (v0, v0 + vocab[i])))  # fmt: skip
             kv0, f0, v0 = kv0 + kv[i], f1, v0 + vocab[i]
         return cls(cfg, tuple(weights), tuple(nodes))
 
-    def slice(self, share: NodeShare, name: str, view: TensorView) -> TensorView:
-        """This node's part of one layer tensor (`name` as in GGUF: attn_q, ffn_down, ...)."""
-        hd = self.cfg.head_dim
+    @cached_property
+    def specs(self) -> list[TensorSpec]:
+        return architecture(self.cfg.arch).layer_tensors(self.cfg)
+
+    def placements(self, share: NodeShare) -> Iterator[Placement]:
+        """Every tensor the node holds, in the order they are shipped, received and set in the engine."""
+        for layer in range(self.cfg.n_layers):
+            for spec in self.specs:
+                rows, cols = self.shape(share, spec)
+                for e in range(self.cfg.n_experts) if spec.experts else (-1,):
+                    yield Placement(layer, spec, e, rows, cols)
+        if share.vocab_rows:  # the final norm and this node's rows of the output head
+            for spec in (OUTPUT_NORM, OUTPUT):
+                yield Placement(-1, spec, -1, *self.shape(share, spec))
+
+    def view(self, share: NodeShare, p: Placement, model) -> TensorView:
+        """The node's part of placement `p`, as a view into `model` (a GGUFModel)."""
+        if p.layer < 0:
+            full = model.output if p.spec is OUTPUT else model.output_norm
+        else:
+            full = model.layer(p.layer, p.spec.name)
+        if p.expert >= 0:
+            full = full.expert(p.expert, self.cfg.n_experts)
+        return self._cut(share, p.spec, full)
+
+    def node_bytes(self, share: NodeShare, model) -> int:
+        """Bytes of weights the node holds (its slices, its head rows, the norms)."""
+        return sum(self.view(share, p, model).nbytes for p in self.placements(share))
+
+    def shape(self, share: NodeShare, spec: TensorSpec) -> tuple[int, int]:
+        """Rows x cols of this node's part of one tensor (of one expert's matrix for per-expert tensors)."""
+        rows, cols = spec.shape(self.cfg)
+        hd, s = self.cfg.head_dim, spec.split
+        if s == Split.Q_ROWS:
+            return (1, share.n_heads * hd) if spec.vector else (share.n_heads * hd, cols)
+        if s == Split.KV_ROWS:
+            return (1, share.n_kv_heads * hd) if spec.vector else (share.n_kv_heads * hd, cols)
+        if s == Split.Q_COLS:
+            return rows, share.n_heads * hd
+        if s in (Split.FFN_ROWS, Split.EXPERT_ROWS):
+            return share.hidden, cols
+        if s in (Split.FFN_COLS, Split.EXPERT_COLS):
+            return rows, share.hidden
+        if s == Split.VOCAB_ROWS:
+            return share.vocab_rows, cols
+        return rows, cols
+
+    def _cut(self, share: NodeShare, spec: TensorSpec, v: TensorView) -> TensorView:
+        hd, s = self.cfg.head_dim, spec.split
         h0, h1 = share.heads
         k0, k1 = share.kv_heads
-        f0, f1 = share.ffn
-        if name == "attn_q":
-            return view.row_slice(h0 * hd, h1 * hd)
-        if name in ("attn_k", "attn_v"):
-            return view.row_slice(k0 * hd, k1 * hd)
-        if name == "attn_output":
-            return view.col_slice(h0 * hd, h1 * hd)
-        if name in ("ffn_gate", "ffn_up"):
-            return view.row_slice(f0, f1)
-        if name == "ffn_down":
-            return view.col_slice(f0, f1)
-        return view  # norms: every node has them
+        if s == Split.Q_ROWS:
+            return v.col_slice(h0 * hd, h1 * hd) if spec.vector else v.row_slice(h0 * hd, h1 * hd)
+        if s == Split.KV_ROWS:
+            return v.col_slice(k0 * hd, k1 * hd) if spec.vector else v.row_slice(k0 * hd, k1 * hd)
+        if s == Split.Q_COLS:
+            return v.col_slice(h0 * hd, h1 * hd)
+        if s in (Split.FFN_ROWS, Split.EXPERT_ROWS):
+            return v.row_slice(*share.ffn)
+        if s in (Split.FFN_COLS, Split.EXPERT_COLS):
+            return v.col_slice(*share.ffn)
+        if s == Split.VOCAB_ROWS:
+            return v.row_slice(*share.vocab)
+        return v
 
     def describe(self, weight_bytes: list[int], kv_bytes: list[int]) -> str:
         """One line per node: its share of the model and the memory it holds."""
@@ -145,11 +204,3 @@ class SplitPlan:
                 f"{n.hidden:>8}  {n.vocab_rows:>10}  {weight_bytes[n.index] / 1e6:>10.1f}  {kv_bytes[n.index] / 1e6:>11.1f}"
             )
         return "\n".join(lines)
-
-    def node_weight_bytes(self, share: NodeShare, model) -> int:
-        """Bytes of weights the node holds (its layer slices, its head rows, the norms)."""
-        n = sum(self.slice(share, name, model.layer(layer, name)).nbytes
-                for layer in range(self.cfg.n_layers) for name in LAYER_TENSORS)  # fmt: skip
-        if share.vocab_rows:
-            n += model.output.row_slice(*share.vocab).nbytes + model.output_norm.nbytes
-        return n

@@ -1,0 +1,39 @@
+/* The communication interface the engine needs: after each attention and feed-forward block, every node's partial
+ * sum (T rows, already in the sync format) must reach every other node.
+ *
+ * `exchange` sends `len` bytes to every peer and fills recv + node * len with what node `node` sent (own slot left
+ * untouched); the engine then adds all partial sums in node order (graph.c), so the residual stream is identical on
+ * every node. The engine knows nothing else about the transport: TCP all-to-all (dllama/net/csrc/mesh_tcp.c) is one
+ * implementation; a pipeline stage or a GPU collective would be another. A failure returns non-zero and leaves the
+ * details in `fail`, which the Python binding turns into one exception. */
+#ifndef DLLAMA_COMM_H
+#define DLLAMA_COMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum { COMM_OK = 0, COMM_TIMEOUT = 1, COMM_CLOSED = 2, COMM_BADFRAME = 3, COMM_SOCKERR = 4, COMM_PEER_ERROR = 5 };
+
+#define COMM_MSG_MAX 4096
+
+typedef struct {
+    int node;     /* index of the node whose link failed, -1 if unknown */
+    int kind;     /* COMM_* */
+    int err;      /* errno for COMM_SOCKERR */
+    int msg_type; /* COMM_PEER_ERROR: the frame type the peer sent instead (its explanation) */
+    size_t msg_len;
+    uint8_t msg[COMM_MSG_MAX];
+} comm_failure;
+
+typedef struct comm comm;
+struct comm {
+    int n_nodes, self;
+    int (*exchange)(comm *c, const uint8_t *send, size_t len, uint32_t step, uint8_t *recv);
+    comm_failure fail;
+    double wait_s;               /* seconds blocked in exchange */
+    uint64_t sent, received;     /* bytes as returned by the socket calls */
+};
+
+#define COMM_CAPSULE "dllama.comm"
+
+#endif

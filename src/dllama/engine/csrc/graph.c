@@ -1,0 +1,432 @@
+/* The layer graph of one node: its slice of every layer, run block by block with the partial sums added across
+ * nodes through `comm` after each attention and feed-forward block.
+ *
+ * Per layer (shapes per token; hd = head_dim, nh / nkv = this node's query / KV heads):
+ *   xb = rmsnorm(x)                                  [dim]
+ *   q, k, v = Wq xb (+bq), Wk xb (+bk), Wv xb (+bv)  [nh*hd], [nkv*hd], [nkv*hd]
+ *   q, k = rmsnorm per head (Qwen3), then rope (adjacent pairs, or NEOX halves)
+ *   att = softmax(q k^T / sqrt(hd)) v over the KV cache  [nh*hd]
+ *   out = Wo att (a partial sum: Wo holds this node's input columns); x += sum over nodes of out
+ *   xb = rmsnorm(x); out = Wdown (silu(Wgate xb) * Wup xb)  (dense), or the router's top-k experts' outputs,
+ *   weighted (MoE); x += sum over nodes of out
+ * A single node (comm NULL) adds its own `out`: N = 1 is the same graph. */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "graph.h"
+
+#define SLOT_NAME(id, name) name,
+const char *const LAYER_SLOT_NAMES[N_LAYER_SLOTS] = {LAYER_SLOT_LIST(SLOT_NAME)};
+const char *const GLOBAL_SLOT_NAMES[N_GLOBAL_SLOTS] = {GLOBAL_SLOT_LIST(SLOT_NAME)};
+#undef SLOT_NAME
+
+struct engine {
+    engine_config c;
+    tensor *lt;        /* [n_layers][N_LAYER_SLOTS] */
+    tensor *xt;        /* [n_layers][3][n_experts]: gate, up, down of every expert */
+    tensor gt[N_GLOBAL_SLOTS];
+    void **owned;      /* repacked copies this engine allocated */
+    int n_owned;
+    const float *cos_t, *sin_t; /* [max_seq][hd/2] */
+    float *kc, *vc;    /* [n_layers][nkv][max_seq][hd] */
+    float *xb;         /* [B][dim] normed input */
+    float *q, *k, *v;  /* [B][nh*hd], [B][nkv*hd], [B][nkv*hd] */
+    float *att;        /* [B][nh*hd] */
+    float *hb;         /* [B][hidden] */
+    block_q8_0 *xq;    /* [B][maxc/32] quantized activations */
+    float *xs, *xd;    /* [B][maxc/32] per-block d*sum(q), d */
+    float *scratch;    /* [nthreads][max_seq] attention scores */
+    float *x, *out, *logits; /* caller's: [B][dim], [B][dim], [vocab] */
+    float *router;     /* [B][n_experts] router logits, then probabilities */
+    int *route_tok;    /* [n_experts][B] tokens routed to each expert */
+    float *route_w;    /* [n_experts][B] their weights */
+    int *route_n;      /* [n_experts] */
+    float *xg, *yg;    /* [B][dim] rows gathered for one expert, and its output */
+    uint8_t *sbuf;     /* [B * sync row] our partial sum in the sync format */
+    uint8_t *rbuf;     /* [n_nodes][B * sync row] everybody's */
+    int rbuf_nodes;
+    float *acc;        /* [B][dim] sum of the partials in node order */
+    pool *pool;
+};
+
+/* ---- 8-row repacking of Q4_0 / Q4_1 at load (see repack.c) ---- */
+int g_repack = -1;
+
+uint8_t *tensor_repack(tensor *t) {
+    if (!g_repack || (t->type != T_Q4_0 && t->type != T_Q4_1) || t->rows % 8 || t->rows == 0) return NULL;
+    const int xt = t->type == T_Q4_0 ? T_Q4_0_X8 : T_Q4_1_X8;
+    const size_t group = (size_t)(t->cols / QK) * x8_block_bytes(xt);
+    uint8_t *dst = (uint8_t *)malloc(group * (size_t)(t->rows / 8));
+    if (!dst) return NULL;
+    repack_x8(t->type, t->data, t->stride, t->rows, t->cols, dst);
+    t->type = xt;
+    t->data = dst;
+    t->stride = group;
+    return dst;
+}
+
+static inline tensor *LT(engine *e, int l, int s) { return &e->lt[(size_t)l * N_LAYER_SLOTS + s]; }
+static inline tensor *XT(engine *e, int l, int which, int ex) {
+    return &e->xt[((size_t)l * 3 + which) * e->c.n_experts + ex];
+}
+
+void engine_destroy(engine *e) {
+    if (!e) return;
+    pool_destroy(e->pool);
+    for (int i = 0; i < e->n_owned; i++) free(e->owned[i]);
+    free(e->owned);
+    free(e->lt); free(e->xt);
+    free(e->kc); free(e->vc); free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb);
+    free(e->xq); free(e->xs); free(e->xd); free(e->scratch);
+    free(e->router); free(e->route_tok); free(e->route_w); free(e->route_n); free(e->xg); free(e->yg);
+    free(e->sbuf); free(e->rbuf); free(e->acc);
+    free(e);
+}
+
+engine *engine_create(const engine_config *cfg, const float *cos_t, const float *sin_t, float *x, float *out,
+                      float *logits) {
+    engine *e = (engine *)calloc(1, sizeof(engine));
+    if (!e) return NULL;
+    e->c = *cfg;
+    engine_config *c = &e->c;
+    if (c->nthreads < 1) c->nthreads = 1;
+    e->cos_t = cos_t; e->sin_t = sin_t; e->x = x; e->out = out; e->logits = logits;
+    const size_t B = (size_t)c->max_batch, hd = (size_t)c->head_dim;
+    const size_t qd = (size_t)c->n_heads * hd, kd = (size_t)c->n_kv_heads * hd;
+    size_t maxc = (size_t)c->dim;
+    if (qd > maxc) maxc = qd;
+    if ((size_t)c->hidden > maxc) maxc = (size_t)c->hidden;
+    e->lt = (tensor *)calloc((size_t)c->n_layers * N_LAYER_SLOTS, sizeof(tensor));
+    e->xt = (tensor *)calloc((size_t)c->n_layers * 3 * (c->n_experts ? c->n_experts : 1), sizeof(tensor));
+    /* calloc'd KV cache: pages are only backed by memory once a position is written */
+    const size_t kv = (size_t)c->n_layers * kd * c->max_seq;
+    e->kc = (float *)calloc(kv ? kv : 1, 4);
+    e->vc = (float *)calloc(kv ? kv : 1, 4);
+    e->xb = (float *)calloc(B * c->dim, 4);
+    e->q = (float *)calloc(B * (qd ? qd : 1), 4);
+    e->k = (float *)calloc(B * (kd ? kd : 1), 4);
+    e->v = (float *)calloc(B * (kd ? kd : 1), 4);
+    e->att = (float *)calloc(B * (qd ? qd : 1), 4);
+    e->hb = (float *)calloc(B * (c->hidden ? c->hidden : 1), 4);
+    e->xq = (block_q8_0 *)calloc(B * (maxc / QK), sizeof(block_q8_0));
+    e->xs = (float *)calloc(B * (maxc / QK), 4);
+    e->xd = (float *)calloc(B * (maxc / QK), 4);
+    e->scratch = (float *)calloc((size_t)c->nthreads * c->max_seq, 4);
+    int ok = e->lt && e->xt && e->kc && e->vc && e->xb && e->q && e->k && e->v && e->att && e->hb && e->xq && e->xs &&
+             e->xd && e->scratch;
+    if (c->n_experts) {
+        const size_t ne = (size_t)c->n_experts;
+        e->router = (float *)calloc(B * ne, 4);
+        e->route_tok = (int *)calloc(ne * B, sizeof(int));
+        e->route_w = (float *)calloc(ne * B, 4);
+        e->route_n = (int *)calloc(ne, sizeof(int));
+        e->xg = (float *)calloc(B * c->dim, 4);
+        e->yg = (float *)calloc(B * c->dim, 4);
+        ok = ok && e->router && e->route_tok && e->route_w && e->route_n && e->xg && e->yg;
+    }
+    e->pool = ok ? pool_create(c->nthreads) : NULL;
+    if (!e->pool) {
+        engine_destroy(e);
+        return NULL;
+    }
+    return e;
+}
+
+/* the shape a slot must have on this node: rows, cols, and whether it is an F32 vector */
+static void slot_shape(const engine *e, int layer, int slot, int *rows, int *cols, int *vector) {
+    const engine_config *c = &e->c;
+    const int qd = c->n_heads * c->head_dim, kd = c->n_kv_heads * c->head_dim;
+    *vector = 0;
+    if (layer < 0) {
+        if (slot == S_OUT_NORM) { *rows = 1; *cols = c->dim; *vector = 1; }
+        else { *rows = c->vocab; *cols = c->dim; }
+        return;
+    }
+    switch (slot) {
+    case S_ATTN_NORM: case S_FFN_NORM: *rows = 1; *cols = c->dim; *vector = 1; break;
+    case S_Q: *rows = qd; *cols = c->dim; break;
+    case S_K: case S_V: *rows = kd; *cols = c->dim; break;
+    case S_Q_BIAS: *rows = 1; *cols = qd; *vector = 1; break;
+    case S_K_BIAS: case S_V_BIAS: *rows = 1; *cols = kd; *vector = 1; break;
+    case S_Q_NORM: case S_K_NORM: *rows = 1; *cols = c->head_dim; *vector = 1; break;
+    case S_O: *rows = c->dim; *cols = qd; break;
+    case S_GATE: case S_UP: case S_GATE_EXPS: case S_UP_EXPS: *rows = c->hidden; *cols = c->dim; break;
+    case S_DOWN: case S_DOWN_EXPS: *rows = c->dim; *cols = c->hidden; break;
+    case S_ROUTER: *rows = c->n_experts; *cols = c->dim; break;
+    default: *rows = *cols = -1;
+    }
+}
+
+static int is_expert_slot(int slot) { return slot == S_GATE_EXPS || slot == S_UP_EXPS || slot == S_DOWN_EXPS; }
+
+int engine_set_tensor(engine *e, int layer, int slot, int expert, tensor t, int *uses_source) {
+    *uses_source = 1;
+    if (layer >= e->c.n_layers || (layer < 0 && (slot < 0 || slot >= N_GLOBAL_SLOTS)) ||
+        (layer >= 0 && (slot < 0 || slot >= N_LAYER_SLOTS)))
+        return -1;
+    const int ex_slot = layer >= 0 && is_expert_slot(slot);
+    if (ex_slot ? (expert < 0 || expert >= e->c.n_experts) : expert != -1) return -1;
+    int rows, cols, vector;
+    slot_shape(e, layer, slot, &rows, &cols, &vector);
+    if (t.rows != rows || t.cols != cols || (vector && t.type != T_F32)) return -2;
+    tensor *dst = layer < 0 ? &e->gt[slot]
+                : ex_slot   ? XT(e, layer, slot - S_GATE_EXPS, expert)
+                            : LT(e, layer, slot);
+    uint8_t *own = tensor_repack(&t);
+    if (own) {
+        void **no = (void **)realloc(e->owned, sizeof(void *) * (size_t)(e->n_owned + 1));
+        if (!no) { free(own); return -3; }
+        e->owned = no;
+        e->owned[e->n_owned++] = own;
+        *uses_source = 0;
+    }
+    *dst = t;
+    return 0;
+}
+
+static int need(const tensor *t, int rows) { return rows == 0 || t->data != NULL; }
+
+int engine_check(const engine *e, char *why, size_t n) {
+    const engine_config *c = &e->c;
+    for (int l = 0; l < c->n_layers; l++) {
+        for (int s = 0; s < N_LAYER_SLOTS; s++) {
+            int rows, cols, vector, used = 1;
+            if (s >= S_Q_BIAS && s <= S_V_BIAS) used = c->attn_bias;
+            if (s == S_Q_NORM || s == S_K_NORM) used = c->qk_norm;
+            if (s == S_GATE || s == S_UP || s == S_DOWN) used = !c->n_experts && c->hidden > 0;
+            if (s == S_ROUTER) used = c->n_experts > 0;
+            if (is_expert_slot(s)) {
+                for (int x = 0; x < c->n_experts && c->hidden > 0; x++)
+                    if (!XT((engine *)e, l, s - S_GATE_EXPS, x)->data) {
+                        snprintf(why, n, "layer %d: %s of expert %d not set", l, LAYER_SLOT_NAMES[s], x);
+                        return -1;
+                    }
+                continue;
+            }
+            slot_shape(e, l, s, &rows, &cols, &vector);
+            if (used && !need(&e->lt[(size_t)l * N_LAYER_SLOTS + s], rows)) {
+                snprintf(why, n, "layer %d: %s not set", l, LAYER_SLOT_NAMES[s]);
+                return -1;
+            }
+        }
+    }
+    if (c->vocab > 0 && (!e->gt[S_OUT_NORM].data || !e->gt[S_OUTPUT].data)) {
+        snprintf(why, n, "output head not set");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- rope ---- */
+void rope_rows_neox(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + (size_t)h * head_dim;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos_t[i] - b * sin_t[i];
+            v[i + half] = a * sin_t[i] + b * cos_t[i];
+        }
+    }
+}
+
+static void add_rows(float *y, const float *bias, int T, int n) {
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < n; i++) y[(size_t)t * n + i] += bias[i];
+}
+
+/* out[0:T] = this node's partial sum of the attention block of layer l */
+static void run_attn(engine *e, int l, int pos, int T) {
+    const engine_config *c = &e->c;
+    const int dim = c->dim, hd = c->head_dim, half = hd / 2, nh = c->n_heads, nkv = c->n_kv_heads;
+    const int qd = nh * hd, kd = nkv * hd;
+    const tensor *wq = LT(e, l, S_Q), *wk = LT(e, l, S_K), *wv = LT(e, l, S_V), *wo = LT(e, l, S_O);
+    const float *norm = (const float *)LT(e, l, S_ATTN_NORM)->data;
+    for (int t = 0; t < T; t++) rmsnorm(e->xb + (size_t)t * dim, e->x + (size_t)t * dim, norm, dim, c->eps);
+    act a;
+    act_prepare(&a, e->xb, T, dim, e->xq, e->xs, e->xd,
+                type_is_quant(wq->type) || type_is_quant(wk->type) || type_is_quant(wv->type));
+    const tensor w3[3] = {*wq, *wk, *wv};
+    float *const y3[3] = {e->q, e->k, e->v};
+    const int ld3[3] = {qd, kd, kd};
+    matmul(e->pool, &a, 3, w3, y3, ld3);
+    if (c->attn_bias) {
+        add_rows(e->q, (const float *)LT(e, l, S_Q_BIAS)->data, T, qd);
+        add_rows(e->k, (const float *)LT(e, l, S_K_BIAS)->data, T, kd);
+        add_rows(e->v, (const float *)LT(e, l, S_V_BIAS)->data, T, kd);
+    }
+    const float *qn = c->qk_norm ? (const float *)LT(e, l, S_Q_NORM)->data : NULL;
+    const float *kn = c->qk_norm ? (const float *)LT(e, l, S_K_NORM)->data : NULL;
+    const size_t layer_off = (size_t)l * nkv * c->max_seq * hd;
+    for (int t = 0; t < T; t++) {
+        const size_t p = (size_t)(pos + t);
+        float *qt = e->q + (size_t)t * qd, *kt = e->k + (size_t)t * kd;
+        if (qn) {
+            for (int h = 0; h < nh; h++) rmsnorm(qt + (size_t)h * hd, qt + (size_t)h * hd, qn, hd, c->eps);
+            for (int h = 0; h < nkv; h++) rmsnorm(kt + (size_t)h * hd, kt + (size_t)h * hd, kn, hd, c->eps);
+        }
+        if (c->rope_neox) {
+            rope_rows_neox(qt, nh, hd, e->cos_t + p * half, e->sin_t + p * half);
+            rope_rows_neox(kt, nkv, hd, e->cos_t + p * half, e->sin_t + p * half);
+        } else {
+            rope_rows(qt, nh, hd, e->cos_t + p * half, e->sin_t + p * half);
+            rope_rows(kt, nkv, hd, e->cos_t + p * half, e->sin_t + p * half);
+        }
+        for (int h = 0; h < nkv; h++) {
+            const size_t dst = layer_off + ((size_t)h * c->max_seq + p) * hd;
+            memcpy(e->kc + dst, kt + (size_t)h * hd, sizeof(float) * hd);
+            memcpy(e->vc + dst, e->v + (size_t)t * kd + (size_t)h * hd, sizeof(float) * hd);
+        }
+    }
+    attention(e->pool, e->q, e->kc + layer_off, e->vc + layer_off, e->att, e->scratch, T, pos, nh, nkv, hd, c->max_seq);
+    act_prepare(&a, e->att, T, qd, e->xq, e->xs, e->xd, type_is_quant(wo->type));
+    float *const yo[1] = {e->out};
+    const int ldo[1] = {dim};
+    matmul(e->pool, &a, 1, wo, yo, ldo);
+}
+
+/* y[0:T] = Wdown (silu(Wgate x) * Wup x) for the T activation rows in `x` (already normed) */
+static void swiglu_ffn(engine *e, const float *x, int T, const tensor *wg, const tensor *wu, const tensor *wd, float *y) {
+    const engine_config *c = &e->c;
+    act a;
+    act_prepare(&a, x, T, c->dim, e->xq, e->xs, e->xd, type_is_quant(wg->type) || type_is_quant(wu->type));
+    matmul_swiglu(e->pool, &a, wg, wu, e->hb, c->hidden);
+    act_prepare(&a, e->hb, T, c->hidden, e->xq, e->xs, e->xd, type_is_quant(wd->type));
+    float *const yd[1] = {y};
+    const int ldd[1] = {c->dim};
+    matmul(e->pool, &a, 1, wd, yd, ldd);
+}
+
+/* Route every token to its top-k experts (softmax over all experts, the k largest, renormalized when norm_topk),
+ * then run each expert once over the tokens routed to it: a prompt batch reads each expert's weights once. */
+static void run_moe(engine *e, int l, int T) {
+    const engine_config *c = &e->c;
+    const int ne = c->n_experts, k = c->n_active, dim = c->dim;
+    act a;
+    const tensor *wr = LT(e, l, S_ROUTER);
+    act_prepare(&a, e->xb, T, dim, e->xq, e->xs, e->xd, type_is_quant(wr->type));
+    float *const yr[1] = {e->router};
+    const int ldr[1] = {ne};
+    matmul(e->pool, &a, 1, wr, yr, ldr);
+    memset(e->route_n, 0, sizeof(int) * (size_t)ne);
+    for (int t = 0; t < T; t++) {
+        float *p = e->router + (size_t)t * ne;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int i = 0; i < ne; i++) mx = p[i] > mx ? p[i] : mx;
+        for (int i = 0; i < ne; i++) { p[i] = expf(p[i] - mx); sum += p[i]; }
+        int chosen[64];
+        float w[64], wsum = 0.0f;
+        for (int j = 0; j < k; j++) { /* k largest, lowest index first on ties */
+            int best = -1;
+            for (int i = 0; i < ne; i++) {
+                int taken = 0;
+                for (int m = 0; m < j; m++) taken |= chosen[m] == i;
+                if (!taken && (best < 0 || p[i] > p[best])) best = i;
+            }
+            chosen[j] = best;
+            w[j] = p[best] / sum;
+            wsum += w[j];
+        }
+        for (int j = 0; j < k; j++) {
+            const int x = chosen[j], n = e->route_n[x]++;
+            e->route_tok[(size_t)x * c->max_batch + n] = t;
+            e->route_w[(size_t)x * c->max_batch + n] = c->norm_topk ? w[j] / wsum : w[j];
+        }
+    }
+    memset(e->out, 0, sizeof(float) * (size_t)T * dim);
+    if (c->hidden == 0) return;
+    for (int x = 0; x < ne; x++) {
+        const int n = e->route_n[x];
+        if (!n) continue;
+        const int *tok = e->route_tok + (size_t)x * c->max_batch;
+        const float *w = e->route_w + (size_t)x * c->max_batch;
+        for (int i = 0; i < n; i++) memcpy(e->xg + (size_t)i * dim, e->xb + (size_t)tok[i] * dim, sizeof(float) * dim);
+        swiglu_ffn(e, e->xg, n, XT(e, l, 0, x), XT(e, l, 1, x), XT(e, l, 2, x), e->yg);
+        for (int i = 0; i < n; i++) axpy_f32(e->out + (size_t)tok[i] * dim, w[i], e->yg + (size_t)i * dim, dim);
+    }
+}
+
+/* out[0:T] = this node's partial sum of the feed-forward block of layer l */
+static void run_ffn(engine *e, int l, int T) {
+    const engine_config *c = &e->c;
+    const float *norm = (const float *)LT(e, l, S_FFN_NORM)->data;
+    for (int t = 0; t < T; t++) rmsnorm(e->xb + (size_t)t * c->dim, e->x + (size_t)t * c->dim, norm, c->dim, c->eps);
+    if (c->n_experts) {
+        run_moe(e, l, T);
+        return;
+    }
+    if (c->hidden == 0) {
+        memset(e->out, 0, sizeof(float) * (size_t)T * c->dim);
+        return;
+    }
+    swiglu_ffn(e, e->xb, T, LT(e, l, S_GATE), LT(e, l, S_UP), LT(e, l, S_DOWN), e->out);
+}
+
+/* ---- the all-reduce: x += sum over nodes of their partial sums ---- */
+static size_t sync_row_bytes(const engine *e) {
+    return e->c.sync == SYNC_Q80 ? (size_t)e->c.dim / QK * sizeof(block_q8_0) : (size_t)e->c.dim * 4;
+}
+
+static int allreduce(engine *e, int T, uint32_t step, comm *cm) {
+    const size_t n = (size_t)T * e->c.dim;
+    if (!cm || cm->n_nodes <= 1) {
+        for (size_t i = 0; i < n; i++) e->x[i] += e->out[i];
+        return COMM_OK;
+    }
+    const size_t len = (size_t)T * sync_row_bytes(e);
+    if (e->rbuf_nodes < cm->n_nodes) {
+        const size_t cap = (size_t)e->c.max_batch * sync_row_bytes(e);
+        free(e->sbuf); free(e->rbuf); free(e->acc);
+        e->sbuf = (uint8_t *)malloc(cap);
+        e->rbuf = (uint8_t *)malloc(cap * (size_t)cm->n_nodes);
+        e->acc = (float *)malloc((size_t)e->c.max_batch * e->c.dim * 4);
+        e->rbuf_nodes = e->sbuf && e->rbuf && e->acc ? cm->n_nodes : 0;
+        if (!e->rbuf_nodes) {
+            cm->fail.kind = COMM_SOCKERR;
+            cm->fail.err = 12; /* ENOMEM */
+            cm->fail.node = -1;
+            return COMM_SOCKERR;
+        }
+    }
+    /* every node adds the same quantized values in the same order, its own included */
+    if (e->c.sync == SYNC_Q80) quantize_row_q80(e->out, (block_q8_0 *)e->sbuf, NULL, (int)n);
+    else memcpy(e->sbuf, e->out, n * 4);
+    const int rc = cm->exchange(cm, e->sbuf, len, step, e->rbuf);
+    if (rc != COMM_OK) return rc;
+    memset(e->acc, 0, n * 4);
+    for (int node = 0; node < cm->n_nodes; node++) {
+        const uint8_t *p = node == cm->self ? e->sbuf : e->rbuf + (size_t)node * len;
+        if (e->c.sync == SYNC_Q80) accumulate_q80(e->acc, (const block_q8_0 *)p, (int)n);
+        else {
+            const float *f = (const float *)p;
+            for (size_t i = 0; i < n; i++) e->acc[i] += f[i];
+        }
+    }
+    for (size_t i = 0; i < n; i++) e->x[i] += e->acc[i];
+    return COMM_OK;
+}
+
+int engine_forward(engine *e, int pos, int T, comm *cm) {
+    for (int l = 0; l < e->c.n_layers; l++) {
+        run_attn(e, l, pos, T);
+        int rc = allreduce(e, T, (uint32_t)(2 * l), cm);
+        if (rc != COMM_OK) return rc;
+        run_ffn(e, l, T);
+        rc = allreduce(e, T, (uint32_t)(2 * l + 1), cm);
+        if (rc != COMM_OK) return rc;
+    }
+    return COMM_OK;
+}
+
+void engine_logits(engine *e, int row) {
+    const engine_config *c = &e->c;
+    rmsnorm(e->xb, e->x + (size_t)row * c->dim, (const float *)e->gt[S_OUT_NORM].data, c->dim, c->eps);
+    act a;
+    act_prepare(&a, e->xb, 1, c->dim, e->xq, e->xs, e->xd, type_is_quant(e->gt[S_OUTPUT].type));
+    float *const y[1] = {e->logits};
+    const int ld[1] = {c->vocab};
+    matmul(e->pool, &a, 1, &e->gt[S_OUTPUT], y, ld);
+}

@@ -1,0 +1,67 @@
+"""One node's all-to-all links: a Conn to every other node, and the C TCP mesh (csrc/mesh_tcp.c) over their
+sockets that the engine exchanges partial sums through. A failed exchange comes back from the engine as one
+CommError, turned here into one NodeFailure that names the node and says what happened."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from dllama.net import _mesh
+from dllama.net import messages as M
+from dllama.net.conn import Conn
+from dllama.net.protocol import PeerClosed
+
+
+class NodeFailure(PeerClosed):
+    def __init__(self, node: int, message: str):
+        super().__init__(message)
+        self.node = node
+
+
+@dataclass
+class Counters:
+    """Cumulative: seconds blocked on the network, bytes sent and received at the socket calls."""
+
+    network_s: float = 0.0
+    sent: int = 0
+    received: int = 0
+
+    def __sub__(self, o: Counters) -> Counters:
+        return Counters(self.network_s - o.network_s, self.sent - o.sent, self.received - o.received)
+
+
+class Mesh:
+    def __init__(self, index: int, links: dict[int, Conn], timeout: float):
+        self.index, self.links = index, links
+        n = len(links) + 1
+        self.timeout = timeout
+        fds = [links[j].fileno() if j != index else -1 for j in range(n)]
+        self.tcp = _mesh.TcpMesh(fds, index, M.PARTIAL_PREFIX, M.EXPLAIN_TYPES, int(timeout * 1000))
+
+    @property
+    def capsule(self):  # what Engine.set_comm takes
+        return self.tcp.capsule
+
+    def counters(self) -> Counters:
+        wait, sent, received = self.tcp.counters()
+        return Counters(wait, sent + sum(c.sent for c in self.links.values()),
+                        received + sum(c.received for c in self.links.values()))  # fmt: skip
+
+    def failure(self, args: tuple) -> NodeFailure:
+        """The engine's CommError args (node, kind, errno, frame type, the peer's explanation) as one error."""
+        node, kind, err, mtype, msg = args
+        name = self.links[node].name if node in self.links else f"node {node}"
+        if kind == _mesh.TIMEOUT:
+            return NodeFailure(node, f"no partial sum from {name} within {self.timeout:.0f} s")
+        if kind == _mesh.SOCKERR:
+            return NodeFailure(node, f"{name}: connection lost ({os.strerror(err)})")
+        if kind == _mesh.PEER_ERROR:
+            return NodeFailure(node, f"{name}: {M.explanation(mtype, msg)}")
+        if kind == _mesh.BADFRAME:
+            return NodeFailure(node, f"{name} sent a malformed or out-of-step partial sum")
+        return NodeFailure(node, f"{name} disconnected")
+
+    def close(self) -> None:
+        for c in self.links.values():
+            c.close()

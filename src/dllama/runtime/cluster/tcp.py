@@ -1,0 +1,185 @@
+"""The root's side of a TCP cluster: connect and authenticate the workers, send each its SETUP and its slice
+(all workers at once), then per forward pass send the token embeddings, take part in the all-reduce of every layer
+(in C, through the mesh) and gather the workers' slices of the output head (their best logit when greedy)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from dllama.engine.engine import CommError, Engine, slot_of
+from dllama.errors import DllamaError
+from dllama.model.gguf_model import GGUFModel
+from dllama.model.identity import content_hash
+from dllama.net import messages as M
+from dllama.net import protocol as P
+from dllama.net.conn import Conn
+from dllama.net.mesh import Counters, Mesh, NodeFailure
+from dllama.split.plan import SplitPlan
+
+DATA_TIMEOUT = 60.0
+READY_TIMEOUT = 600.0  # loading a big slice from disk can take a while
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_seq: int
+    max_batch: int
+    sync: str
+    secret: str | None
+
+
+class TcpCluster:
+    def __init__(self, conns: list[Conn], plan: SplitPlan, engine: Engine, mesh: Mesh):
+        self.conns, self.plan, self.engine, self.mesh = conns, plan, engine, mesh
+        self.n_nodes = plan.n_nodes
+        self.broken: str | None = None
+        self.wait_s = 0.0  # blocked outside the C mesh: sending FORWARD, waiting for the workers' logits
+        self.full_logits = np.empty(plan.cfg.vocab_size, dtype=np.float32)  # [vocab]
+        engine.set_comm(mesh)
+
+    # ---------------- setup ----------------
+    @classmethod
+    def connect(cls, addresses: list[str], *, plan: SplitPlan, model: GGUFModel, engine: Engine, settings: Settings,
+                log) -> TcpCluster:  # fmt: skip
+        key = P.key_of(settings.secret)
+        conns, hashes = [], []
+        try:
+            for i, addr in enumerate(addresses, 1):
+                conn = Conn(P.connect(addr), f"worker {i} ({addr})", DATA_TIMEOUT)
+                conns.append(conn)
+                try:
+                    hashes.append(P.client_handshake(conn, key, M.ROLE_ROOT))
+                except DllamaError as e:
+                    raise DllamaError(f"{conn.name}: {e}") from None
+            _setup(conns, hashes, plan, model, settings, log)
+            return cls(conns, plan, engine, Mesh(0, dict(enumerate(conns, 1)), DATA_TIMEOUT))
+        except BaseException:
+            for c in conns:
+                c.close()
+            raise
+
+    # ---------------- per forward pass ----------------
+    def step(self, pos: int, T: int, emb_type: int, rows: bytes, want: int) -> np.ndarray | None:
+        if self.broken:
+            raise DllamaError(f"cluster unavailable: {self.broken}")
+        try:
+            t0 = time.perf_counter()
+            msg = M.Forward(pos, T, emb_type, want, rows)
+            for c in self.conns:
+                P.send(c, msg)
+            self.wait_s += time.perf_counter() - t0
+            try:
+                self.engine.forward(pos, T)
+            except CommError as e:
+                raise self.mesh.failure(e.args) from None
+            if want == M.LOGITS_NONE:
+                return None
+            return self._logits(T, want)
+        except (NodeFailure, DllamaError) as err:
+            self.broken = str(err)
+            raise DllamaError(f"worker failure: {err}") from None
+
+    def _logits(self, T: int, want: int) -> np.ndarray:
+        out, share = self.full_logits, self.plan.nodes[0]
+        if want == M.LOGITS_ARGMAX:
+            out.fill(-np.inf)
+        if share.vocab_rows:
+            out[share.vocab[0] : share.vocab[1]] = self.engine.compute_logits(T - 1)[: share.vocab_rows]
+        t0 = time.perf_counter()
+        for i, conn in enumerate(self.conns, 1):
+            v0, v1 = self.plan.nodes[i].vocab
+            got = P.recv(conn, M.Logits, mode=want, vocab=(v0, v1))
+            if got.best is not None:
+                if v1 > v0:
+                    out[got.best[1]] = got.best[0]
+            else:
+                out[v0:v1] = np.frombuffer(got.values, dtype=np.float32)
+        self.wait_s += time.perf_counter() - t0
+        return out
+
+    def counters(self) -> Counters:
+        c = self.mesh.counters()
+        c.network_s += self.wait_s
+        return c
+
+    def close(self) -> None:
+        self.engine.set_comm(None)
+        for c in self.conns:
+            if not self.broken:
+                try:
+                    c.timeout = 2.0
+                    P.send(c, M.Stop())
+                except (DllamaError, OSError):
+                    pass
+            c.close()
+
+
+def _setup(conns: list[Conn], hashes: list[bytes], plan: SplitPlan, model: GGUFModel, s: Settings, log) -> None:
+    zero = b"\0" * 32
+    model_hash = content_hash(model.path) if any(h != zero for h in hashes) else zero
+    session_id = os.urandom(16)
+    peers = ("root", *(c.name.split("(")[-1].rstrip(")") for c in conns))
+    sent = []
+    for i, conn in enumerate(conns, 1):
+        local = hashes[i - 1] == model_hash != zero
+        setup = M.Setup(plan.cfg, plan.weights, plan.nodes, i, s.max_seq, s.max_batch, s.sync, peers, session_id,
+                        local, model_hash)  # fmt: skip
+        raw = setup.encode()
+        conn.sendall(P.header(M.SETUP, len(raw)) + raw)
+        sent.append((hashlib.sha256(raw).digest(), local))
+    _ship_weights([(c, i) for i, c in enumerate(conns, 1) if not sent[i - 1][1]], plan, model, log)
+    for i, conn in enumerate(conns, 1):
+        conn.timeout = READY_TIMEOUT
+        try:
+            ready = P.recv(conn, M.Ready)
+        except DllamaError as e:
+            raise DllamaError(f"{conn.name}: {e}") from None
+        conn.timeout = DATA_TIMEOUT
+        if ready.plan_id != sent[i - 1][0]:
+            raise DllamaError(f"{conn.name} built a different plan than the root sent")
+        how = "read from its local model file" if sent[i - 1][1] else "shipped"
+        log(f"{conn.name}: ready, {ready.weight_bytes / 1e6:.1f} MB of weights ({how})")
+
+
+def _ship_weights(targets: list[tuple[Conn, int]], plan: SplitPlan, model: GGUFModel, log) -> None:
+    """Each worker gets only its slice, tensor by tensor in placement order; all workers are fed at once."""
+    if not targets:
+        return
+    jobs = [(conn, plan.nodes[i]) for conn, i in targets]
+    total = sum(plan.node_bytes(share, model) for _, share in jobs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"sending weights to {len(jobs)} worker(s)",
+               file=sys.stderr, disable=None)  # fmt: skip
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def ship(conn: Conn, share) -> None:
+        try:
+            for p in plan.placements(share):
+                v = plan.view(share, p, model)
+                head = M.TensorHead(p.layer, slot_of(p), p.expert, v.type, v.rows, v.cols).encode()
+                conn.sendall(P.header(M.TENSOR, len(head) + v.nbytes) + head)
+                conn.sendall(v.contiguous())
+                with lock:
+                    bar.update(v.nbytes)
+        except (DllamaError, OSError) as e:
+            errors.append(f"{conn.name}: sending weights failed: {e}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=ship, args=job, daemon=True) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    if errors:
+        raise DllamaError(errors[0])
+    dt = time.perf_counter() - t0
+    log(f"weights sent: {total / 1e6:.1f} MB in {dt:.2f} s ({total / 1e6 / max(dt, 1e-9):.0f} MB/s)")
