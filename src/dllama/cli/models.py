@@ -27,6 +27,8 @@ def run(args) -> int:
             name = model.name if key == model.default else f"{model.name}:{key}"
             done = variant_paths(v) is not None
             parts = f" ({len(v.files)} parts)" if v.format == "gguf" and len(v.files) > 1 else ""
+            if not v.confirmed:
+                parts += " (name unconfirmed)"
             rows.append((name, model.params, key, v.quant + parts, _size(v.size), v.repo,
                          "downloaded" if done else ""))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dllama.errors import DllamaError
 
@@ -500,15 +500,23 @@ CATALOG: dict[str, Model] = {m.name: m for m in _MODELS}
 def _from_json(name: str, d: dict) -> Model:
     try:
         variants = {
-            k: Variant(repo=v["repo"], files=tuple(v["files"]), quant=v.get("quant", k.upper()),
-                       format=v.get("format", "gguf"), size=v.get("size"), source=v.get("source", "DLLAMA_CATALOG"),
-                       confirmed=v.get("confirmed", True))  # fmt: skip
+            k: Variant(
+                repo=v["repo"],
+                files=tuple(v["files"]),
+                quant=v.get("quant", k.upper()),
+                format=v.get("format", "gguf"),
+                size=v.get("size"),
+                source=v.get("source", "DLLAMA_CATALOG"),
+                confirmed=v.get("confirmed", True),
+            )  # fmt: skip
             for k, v in d["variants"].items()
         }
     except (KeyError, TypeError) as e:
         raise DllamaError(f"DLLAMA_CATALOG: entry {name!r} is missing {e}") from None
     default = d.get("default", "q40" if "q40" in variants else next(iter(variants)))
-    return Model(name, d.get("params", "?"), variants, tuple(d.get("aliases", ())), default, d.get("note", ""))
+    return Model(
+        name, d.get("params", "?"), variants, tuple(d.get("aliases", ())), default, d.get("note", "")
+    )
 
 
 def load_catalog() -> dict[str, Model]:

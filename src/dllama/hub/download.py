@@ -49,7 +49,9 @@ def split_parts(first_path: str) -> list[str]:
     parts = [os.path.join(folder, f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     missing = [p for p in parts if not os.path.exists(p)]
     if missing:
-        raise DllamaError(f"split GGUF {first_path}: part {missing[0]} is missing ({len(missing)} of {count})")
+        raise DllamaError(
+            f"split GGUF {first_path}: part {missing[0]} is missing ({len(missing)} of {count})"
+        )
     return parts
 
 
@@ -90,9 +92,7 @@ def parse_spec(spec: str, revision: str = "main") -> tuple[str, str | None, Mode
         return model.variants[key].repo, None, model, key
     m = REPO_SPEC_RE.match(spec)
     if m is None:
-        raise DllamaError(
-            f"{spec!r} is neither a catalog name (see `dllama models`) nor OWNER/REPO:FILE"
-        )
+        raise DllamaError(f"{spec!r} is neither a catalog name (see `dllama models`) nor OWNER/REPO:FILE")
     return m["repo"], m["file"], None, None
 
 
@@ -105,14 +105,16 @@ def _gated_message(repo: str) -> str:
 
 def _hub_errors(repo: str, e: Exception) -> DllamaError:
     """One clear line for the ways the hub says no."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
+    from huggingface_hub import errors
+
+    GatedRepoError, HfHubHTTPError = errors.GatedRepoError, errors.HfHubHTTPError
+    OfflineModeIsEnabled, RepositoryNotFoundError = (
+        errors.OfflineModeIsEnabled,
+        errors.RepositoryNotFoundError,
     )
+    RevisionNotFoundError = errors.RevisionNotFoundError
+    # renamed in huggingface_hub 1.0 (EntryNotFoundError before)
+    RemoteEntryNotFoundError = getattr(errors, "RemoteEntryNotFoundError", None) or errors.EntryNotFoundError
 
     if isinstance(e, GatedRepoError):
         return DllamaError(_gated_message(repo))
@@ -150,7 +152,9 @@ def _select(info, repo: str, pattern: str | None, variant: Variant | None) -> li
         return [siblings[f] for f in variant.files]
     ggufs = sorted(f for f in siblings if f.endswith(".gguf"))
     if not pattern:
-        raise DllamaError(f"say which file of {repo}: {repo}:FILE, e.g. {repo}:{ggufs[0] if ggufs else 'NAME.gguf'}")
+        raise DllamaError(
+            f"say which file of {repo}: {repo}:FILE, e.g. {repo}:{ggufs[0] if ggufs else 'NAME.gguf'}"
+        )
     names = [f for f in siblings if f == pattern or fnmatch.fnmatchcase(f, pattern)]
     if not names:
         hint = ", ".join(ggufs[:8]) + (" ..." if len(ggufs) > 8 else "")
@@ -266,7 +270,9 @@ def _fetch_one(repo: str, commit: str, revision: str, sibling, *, verify_cached:
         raise _hub_errors(repo, e) from None
     etag = meta.etag or expected
     if algorithm == "sha256" and SHA256_RE.match(etag or "") and etag != expected:
-        raise DllamaError(f"{repo}/{filename}: the hub's file listing and its download disagree on the sha256")
+        raise DllamaError(
+            f"{repo}/{filename}: the hub's file listing and its download disagree on the sha256"
+        )
     size = meta.size if meta.size is not None else sibling.size
     url = hf_hub_url(repo, filename, revision=commit)
     headers = build_hf_headers()
