@@ -330,6 +330,11 @@ def test_corrupted_download_is_refused_and_fetched_again(hub, ggufs, tmp_path):
     assert r.returncode == 0 and "already downloaded and verified" in r.stderr
     assert len(hub.gets("tiny-Q4_0.gguf")) == n + 1
 
+    # --no-verify trusts the cache: a damaged file is then not noticed (and not fetched)
+    blob.write_bytes(bytes(raw))
+    r = run_dllama(hub, home, "download", "--no-verify", "fake/tiny-GGUF:tiny-Q4_0.gguf")
+    assert r.returncode == 0 and len(hub.gets("tiny-Q4_0.gguf")) == n + 1 and sha(blob) != good
+
 
 def test_gated_repo_gives_a_clear_message(hub, ggufs, tmp_path):
     hub.add("meta/gated-GGUF", {"g.gguf": ggufs["q4_0"]}, gated=True)

@@ -18,13 +18,15 @@ def register(sub) -> None:
                    help="a catalog name (optionally with the quantization), or a repository and a file name or "
                         "glob; the first part of a split GGUF brings all its parts")  # fmt: skip
     p.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="trust files already in the cache instead of re-checking their sha256")  # fmt: skip
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from dllama.hub.download import download
 
-    target, paths = download(args.model, revision=args.revision)
+    target, paths = download(args.model, revision=args.revision, verify_cached=not args.no_verify)
     variant = target.variant
     if variant is not None and variant.format != "gguf":
         print(f"downloaded {target.repo} to {paths[0].parent}", file=sys.stderr)
