@@ -80,7 +80,8 @@ _MODELS = [
                 size=638 * MB,
                 source="https://huggingface.co/TheBloke/TinyLlama-1.1B-intermediate-step-1431k-3T-GGUF/tree/main",
             ),
-            # Not confirmed: the listing seen was cut after Q4_K_M; the Q8_0 name follows the same repo's pattern.
+            # Not confirmed in the repo's listing (the copy seen was cut after Q4_K_M); the same file name appears as a
+            # local path in public code that loads it with llama.cpp.
             "q80": Variant(
                 "TheBloke/TinyLlama-1.1B-intermediate-step-1431k-3T-GGUF",
                 ("tinyllama-1.1b-intermediate-step-1431k-3t.Q8_0.gguf",),
@@ -316,14 +317,14 @@ _MODELS = [
                 size=5280 * MB,
                 source="https://huggingface.co/GPT4All-Community/DeepSeek-R1-Distill-Llama-8B-GGUF/tree/main",
             ),
-            # https://huggingface.co/NikolayKozloff/DeepSeek-R1-Distill-Llama-8B-Q8_0-GGUF/tree/4469e73963e70e2e09a68636a07d60f2f1ba4dd6
-            # lists deepseek-r1-distill-llama-8b-q8_0.gguf (8.54 GB); unsloth's listing seen stopped at Q6_K.
+            # unsloth/DeepSeek-R1-Distill-Llama-8B-GGUF:DeepSeek-R1-Distill-Llama-8B-Q8_0.gguf (8.5 GB), linked by
+            # resolve URL in public code (the repo listing seen stopped at Q6_K); bartowski's repo has the same name.
             "q80": Variant(
-                "NikolayKozloff/DeepSeek-R1-Distill-Llama-8B-Q8_0-GGUF",
-                ("deepseek-r1-distill-llama-8b-q8_0.gguf",),
+                "unsloth/DeepSeek-R1-Distill-Llama-8B-GGUF",
+                ("DeepSeek-R1-Distill-Llama-8B-Q8_0.gguf",),
                 "Q8_0",
                 size=8540 * MB,
-                source="https://huggingface.co/NikolayKozloff/DeepSeek-R1-Distill-Llama-8B-Q8_0-GGUF/tree/4469e73963e70e2e09a68636a07d60f2f1ba4dd6",
+                source="https://huggingface.co/unsloth/DeepSeek-R1-Distill-Llama-8B-GGUF/resolve/main/DeepSeek-R1-Distill-Llama-8B-Q8_0.gguf (public code)",
             ),
             "dllama-m": _m(
                 "b4rtaz/DeepSeek-R1-Distill-Llama-8B-Distributed-Llama",
