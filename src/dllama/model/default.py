@@ -26,4 +26,13 @@ def default_model_path() -> str:
 
 
 def resolve_model(path: str | None) -> str:
-    return path if path else default_model_path()
+    """`--model` value -> a local GGUF path. An existing file is used as it is; a catalog name (`NAME`,
+    `NAME:q80`) or `OWNER/REPO:FILE` is looked up in the Hugging Face cache (no network) and gives the file, or
+    for a split GGUF its first part; anything else is returned unchanged for the loader to report."""
+    if not path:
+        return default_model_path()
+    if os.path.exists(path):
+        return path
+    from dllama.hub.download import local_model_path
+
+    return local_model_path(path) or path
