@@ -9,6 +9,7 @@ import sys
 
 from dllama.cli import options
 from dllama.errors import DllamaError
+from dllama.model.default import resolve_model
 
 
 def register(sub) -> None:
@@ -43,7 +44,8 @@ def run(args) -> int:
             file=sys.stderr,
             flush=True,
         )
-    server = WorkerServer(args.host, args.port, nthreads=args.nthreads, secret=secret, model_path=args.model)
+    server = WorkerServer(args.host, args.port, nthreads=args.nthreads, secret=secret,
+                          model_path=resolve_model(args.model) if args.model else None)
     try:
         port = server.bind()
     except OSError as e:

@@ -9,7 +9,6 @@ file) is refused. A model split into `-0000i-of-0000n.gguf` parts loads as one."
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections import Counter
 
@@ -22,10 +21,9 @@ from dllama.arch import OUTPUT, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBD, TensorSpec,
 from dllama.engine import _kernels
 from dllama.errors import DllamaError
 from dllama.model.config import ModelConfig
+from dllama.model.parts import split_parts
 from dllama.model.tensor_view import TensorView
 from dllama.model.weight_types import NATIVE, row_bytes
-
-_SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
 def _read_metadata(reader: GGUFReader) -> dict:
@@ -38,19 +36,6 @@ def _read_metadata(reader: GGUFReader) -> dict:
         except Exception:  # noqa: BLE001 - a field gguf-py cannot decode is not one we use
             continue
     return meta
-
-
-def split_parts(path: str) -> list[str]:
-    """All parts of a split GGUF given its first part (or [path] for a single file)."""
-    m = _SPLIT_NAME.match(path)
-    if not m:
-        return [path]
-    n = int(m.group(3))
-    parts = [f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
-    missing = [p for p in parts if not os.path.exists(p)]
-    if missing:
-        raise DllamaError(f"split model is missing part(s): {', '.join(os.path.basename(p) for p in missing)}")
-    return parts
 
 
 def _open(path: str) -> GGUFReader:
