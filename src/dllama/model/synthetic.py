@@ -164,36 +164,31 @@ def tokenizer_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
 # Weights
 
 
-def _tensor_plan(dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, tied):
-    """[(name, rows, cols, std or None for a norm)] in file order. rows = output features, cols = input.
+def _tensor_plan(cfg):
+    """[(name, shape, std or None for a norm-like vector, always_f32)] in file order, from the architecture's
+    description (shape in NumPy order, rows first; 3-D for per-expert tensors).
 
     std = 1/sqrt(fan_in) keeps every projection's output at unit scale after the RMS norms; the two
     projections that write into the residual stream are further scaled by 1/sqrt(2 n_layers) (GPT-2 style)
-    so the stream stays O(1) whatever the depth.
+    so the stream stays O(1) whatever the depth. Biases are small noise, norms ~1.
     """
-    res = 1.0 / np.sqrt(2 * n_layers)
-    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    from dllama.arch import OUTPUT, OUTPUT_NORM, architecture
 
-    def w(name, rows, cols, scale=1.0):
-        return (name, rows, cols, scale / np.sqrt(cols))
-
-    plan = [w("token_embd.weight", vocab_size, dim)]
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        plan += [
-            (p + "attn_norm.weight", 1, dim, None),
-            w(p + "attn_q.weight", q_dim, dim),
-            w(p + "attn_k.weight", kv_dim, dim),
-            w(p + "attn_v.weight", kv_dim, dim),
-            w(p + "attn_output.weight", dim, q_dim, res),
-            (p + "ffn_norm.weight", 1, dim, None),
-            w(p + "ffn_gate.weight", hidden_dim, dim),
-            w(p + "ffn_up.weight", hidden_dim, dim),
-            w(p + "ffn_down.weight", dim, hidden_dim, res),
-        ]
-    plan.append(("output_norm.weight", 1, dim, None))
-    if not tied:
-        plan.append(w("output.weight", vocab_size, dim))
+    res = 1.0 / np.sqrt(2 * cfg.n_layers)
+    plan = [("token_embd.weight", (cfg.vocab_size, cfg.dim), 1.0 / np.sqrt(cfg.dim), False)]
+    for i in range(cfg.n_layers):
+        for spec in architecture(cfg.arch).layer_tensors(cfg):
+            rows, cols = spec.shape(cfg)
+            name = f"blk.{i}.{spec.name}"
+            if spec.vector:
+                plan.append((name, (cols,), -0.1 if spec.name.endswith(".bias") else None, True))
+                continue
+            shape = (cfg.n_experts, rows, cols) if spec.experts else (rows, cols)
+            scale = res if spec.name.startswith(("attn_output", "ffn_down")) else 1.0
+            plan.append((name, shape, scale / np.sqrt(cols), spec.name.startswith("ffn_gate_inp")))
+    plan.append((OUTPUT_NORM.name, (cfg.dim,), None, True))
+    if not cfg.tied_output:
+        plan.append((OUTPUT.name, (cfg.vocab_size, cfg.dim), 1.0 / np.sqrt(cfg.dim), False))
     return plan
 
 
@@ -240,6 +235,8 @@ def _generate(
     """Start generating one tensor; returns its buffer (filled once the futures are done)."""
     if std is None:  # norm weight: ~1 + small noise, always F32
         return 1 + _normal(_rng(seed, name, 0), (cols,), _normal_table() * np.float32(0.05)), []
+    if std < 0:  # a bias: small noise, F32
+        return _normal(_rng(seed, name, 0), (cols,), _normal_table() * np.float32(-std)), []
     table = _normal_table() * np.float32(std)
     n = rows * cols
     if qtype in (QT.F32, QT.F16):
@@ -260,7 +257,7 @@ def _generate(
 def _check_dims(qtype: QT, plan) -> None:
     if qtype in (QT.F32, QT.F16):
         return
-    bad = sorted({cols for _, _, cols, std in plan if std is not None and cols % QK})
+    bad = sorted({shape[-1] for _, shape, std, f32 in plan if len(shape) > 1 and not f32 and shape[-1] % QK})
     if bad:
         raise ValueError(f"{qtype.name} needs input dims that are multiples of {QK}, got {bad}")
 
@@ -279,13 +276,18 @@ def write_synthetic_gguf(
     rope_base: float = 10000.0,
     norm_eps: float = 1e-5,
     tied: bool = False,
+    arch: str = "llama",
+    n_experts: int = 0,
+    n_active_experts: int = 0,
+    expert_hidden_dim: int = 0,
     weight_type: str = "q4_0",
     seed: int = 0,
     name: str = "synthetic",
     threads: int | None = None,
     progress: bool = False,
 ) -> str:
-    """Write a random llama GGUF with a byte-level "gpt2" tokenizer; returns the path as a string.
+    """Write a random GGUF of architecture `arch` (llama, qwen2, qwen3, qwen3moe; llama with n_experts is
+    Mixtral-like) with a byte-level "gpt2" tokenizer; returns the path as a string.
 
     Same arguments (whatever `threads`) give byte-identical files. The file appears atomically.
     """
@@ -293,15 +295,23 @@ def write_synthetic_gguf(
         raise ValueError(f"weight_type must be one of {sorted(WEIGHT_TYPES)}")
     if n_heads % n_kv_heads:
         raise ValueError("n_heads must be a multiple of n_kv_heads")
+    from dllama.arch import architecture
+    from dllama.model.config import ModelConfig
+
     qtype = WEIGHT_TYPES[weight_type]
     head_dim = head_dim or dim // n_heads
-    plan = _tensor_plan(dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, tied)
+    a = architecture(arch)
+    cfg = ModelConfig(arch, dim, 0 if n_experts else hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size,
+                      context_length, rope_base, norm_eps, tied, rope_neox=a.rope_neox, attn_bias=a.attn_bias,
+                      qk_norm=a.qk_norm, n_experts=n_experts, n_active_experts=n_active_experts,
+                      expert_hidden_dim=expert_hidden_dim or hidden_dim)  # fmt: skip
+    plan = _tensor_plan(cfg)
     _check_dims(qtype, plan)
     threads = threads or len(os.sched_getaffinity(0))
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(tmp, "llama")
+    w = gguf.GGUFWriter(tmp, arch)
     w.add_name(name)
     w.add_file_type(_FILE_TYPES[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -309,9 +319,13 @@ def write_synthetic_gguf(
     w.add_context_length(context_length)
     w.add_embedding_length(dim)
     w.add_feed_forward_length(hidden_dim)
+    if n_experts:
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(n_active_experts)
+        w.add_expert_feed_forward_length(cfg.expert_hidden_dim)
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv_heads)
-    if head_dim != dim // n_heads:
+    if head_dim != dim // n_heads or a.qk_norm:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
@@ -329,15 +343,17 @@ def write_synthetic_gguf(
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
 
-    for tname, rows, cols, std in plan:
-        if std is None:
-            w.add_tensor_info(tname, (cols,), np.dtype(np.float32), cols * 4)
-        elif qtype in (QT.F32, QT.F16):
-            dt = np.dtype(np.float32 if qtype == QT.F32 else np.float16)
-            w.add_tensor_info(tname, (rows, cols), dt, rows * cols * dt.itemsize)
+    types = {}
+    for tname, shape, std, f32 in plan:
+        t = QT.F32 if f32 else qtype
+        types[tname] = t
+        n = int(np.prod(shape))
+        if t in (QT.F32, QT.F16):
+            dt = np.dtype(np.float32 if t == QT.F32 else np.float16)
+            w.add_tensor_info(tname, shape, dt, n * dt.itemsize)
         else:
-            shape = gguf.quant_shape_to_byte_shape((rows, cols), qtype)
-            w.add_tensor_info(tname, shape, np.dtype(np.uint8), shape[0] * shape[1], raw_dtype=qtype)
+            bshape = gguf.quant_shape_to_byte_shape(shape, t)
+            w.add_tensor_info(tname, bshape, np.dtype(np.uint8), int(np.prod(bshape)), raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -347,8 +363,9 @@ def write_synthetic_gguf(
         with ThreadPoolExecutor(threads) as pool:
             # The main thread writes tensor k-1 while the pool generates tensor k.
             pending = None
-            for tname, rows, cols, std in plan:
-                nxt = (tname, *_generate(pool, seed, tname, rows, cols, std, qtype))
+            for tname, shape, std, _ in plan:
+                rows, cols = int(np.prod(shape[:-1])), shape[-1]
+                nxt = (tname, *_generate(pool, seed, tname, rows, cols, std, types[tname]))
                 if pending is not None:
                     _finish(w, *pending, progress, t0)
                 pending = nxt
@@ -366,7 +383,7 @@ def _finish(w: gguf.GGUFWriter, tname: str, buf: np.ndarray, futs: list[Future],
     for f in futs:
         f.result()
     w.write_tensor_data(buf)
-    if progress and (tname.endswith("ffn_down.weight") or not tname.startswith("blk.")):
+    if progress and (tname.endswith(("ffn_down.weight", "ffn_down_exps.weight")) or not tname.startswith("blk.")):
         print(f"[synthetic] {tname} written ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
 
 
