@@ -344,7 +344,7 @@ def write_synthetic_gguf(
     w.add_add_eos_token(False)
 
     types = {}
-    for tname, shape, std, f32 in plan:
+    for tname, shape, _std, f32 in plan:
         t = QT.F32 if f32 else qtype
         types[tname] = t
         n = int(np.prod(shape))
