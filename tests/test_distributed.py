@@ -14,9 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from dllama.engine.engine import sync_row_bytes as row_bytes
 from dllama.model.gguf_model import GGUFModel
-from dllama.net.messages import ARGMAX, FORWARD_HEAD, HEADER, PARTIAL_HEAD
 from dllama.runtime.root import Root
 from dllama.runtime.session import Session
 from dllama.sampling.sampler import Sampler
@@ -144,21 +142,24 @@ def test_default_model_greedy_agrees_with_single_node(default_model, workers, n,
     assert max(agree_all) >= (32 if buffer_type == "f32" else 16)
 
 
+# per generated token at 3 nodes, computed by hand (see tests/test_traffic.py for the arithmetic):
+# root sends 2 * (636 + 60 * (12 + S)), receives 2 * (60 * (12 + S) + 16), S = 612 (q80) or 2304 (f32)
+PRODUCT_COUNTED = {"q80": (76152, 74912), "f32": (279192, 277952)}
+
+
 @pytest.mark.parametrize("buffer_type", ["q80", "f32"])
 def test_bytes_per_token_match_the_formula(default_model, workers, buffer_type):
+    """The root's own socket counters (Conn + the C mesh) against literal numbers; tests/test_traffic.py checks
+    the same links with the kernel's counters, independently of the product."""
     m = GGUFModel(default_model)
-    cfg = m.config
     ws = workers(2)
     with cluster(m, [w.address for w in ws], sync=buffer_type) as r:
         s = Session(r)
         list(s.generate([1, 2, 3, 4], Sampler(0), 6))
         steps = s.stats.gen
-    n_workers, L = 2, cfg.n_layers
-    sync = PARTIAL_HEAD + row_bytes(buffer_type, cfg.dim)  # one partial sum message
-    forward = HEADER.size + FORWARD_HEAD.size + m.embedding.row_bytes  # control + the token's embedding row
-    best = HEADER.size + ARGMAX.size  # greedy: each worker returns its best (logit, id) of its head rows
-    assert all(st.sent == n_workers * (forward + 2 * L * sync) for st in steps), [st.sent for st in steps]
-    assert all(st.recv == n_workers * (2 * L * sync + best) for st in steps), [st.recv for st in steps]
+    sent, recv = PRODUCT_COUNTED[buffer_type]
+    assert [st.sent for st in steps] == [sent] * len(steps)
+    assert [st.recv for st in steps] == [recv] * len(steps)
     print(f"3 nodes {buffer_type}: root sent {steps[0].sent} B, received {steps[0].recv} B per token")
 
 
