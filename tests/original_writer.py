@@ -229,20 +229,26 @@ def write_t_from_gguf(gguf_path, t_path, eos_ids: list[int] | None = None) -> No
         return default if f is None else f.contents()
 
     assert meta("tokenizer.ggml.model") == "gpt2"
+    template = meta("tokenizer.chat_template")
+    eos = eos_ids if eos_ids is not None else [meta("tokenizer.ggml.eos_token_id")]
+    write_t_fast(t_path, meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.bos_token_id"), eos,
+                 template, meta("tokenizer.ggml.add_bos_token", True))  # fmt: skip
+
+
+def write_t_fast(
+    t_path, vocab: list[str], bos_id: int, eos_ids: list[int], template=None, add_bos=True
+) -> None:
+    """resolvePreTrainedTokenizerFast on a vocabulary (token strings by id), for any tokenizer.json model."""
     utb = _unicode_to_bytes()
     tokens = []
-    for tok in meta("tokenizer.ggml.tokens"):
+    for tok in vocab:
         b = []
         for ch in tok:
             b += [utb[ch]] if ch in utb else list(ch.encode("utf-8"))
         tokens.append(bytes(b))
     scores = [-float(i) for i in range(len(tokens))]
-    template = meta("tokenizer.chat_template")
-    add_bos = meta("tokenizer.ggml.add_bos_token", True)
-    eos = eos_ids if eos_ids is not None else [meta("tokenizer.ggml.eos_token_id")]
     with open(t_path, "wb") as f:
-        f.write(t_bytes(tokens, scores, template.encode() if template else None, meta("tokenizer.ggml.bos_token_id"),
-                        add_bos, eos))  # fmt: skip
+        f.write(t_bytes(tokens, scores, template.encode() if template else None, bos_id, add_bos, eos_ids))
 
 
 def write_t_sentencepiece(t_path, pieces: list[str], scores: list[float], bos_id=1, eos_ids=(2,)) -> None:

@@ -197,10 +197,10 @@ def test_tokenizer_ids_template_and_specials_carried(smol, default_model):
     assert got.stop_ids == ref.stop_ids and got.special_ids == ref.special_ids
     msgs = [{"role": "user", "content": "Hi"}]
     assert got.apply_chat_template(msgs) == ref.apply_chat_template(msgs)
-    # merges rebuilt from the ranks are the model's own merges, in order
-    assert meta(gguf.GGUFReader(smol["f32"]), "tokenizer.ggml.merges") == meta(
-        gguf.GGUFReader(default_model), "tokenizer.ggml.merges"
-    )
+    # merges rebuilt from the ranks are the model's own merges, in order; the pre-tokenizer is recognised
+    r, rs = gguf.GGUFReader(smol["f32"]), gguf.GGUFReader(default_model)
+    for key in ("merges", "pre", "token_type", "tokens"):
+        assert meta(r, "tokenizer.ggml." + key) == meta(rs, "tokenizer.ggml." + key), key
 
 
 def test_several_eos_ids_become_stop_tokens(tmp_path, default_model, smol):
@@ -238,6 +238,24 @@ def test_sentencepiece_vocabulary(tmp_path):
     assert types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
     assert set(types[3:259]) == {gguf.TokenType.BYTE} and set(types[259:]) == {gguf.TokenType.NORMAL}
     assert (meta(r, "tokenizer.ggml.bos_token_id"), meta(r, "tokenizer.ggml.eos_token_id")) == (1, 2)
+
+
+def test_sentencepiece_vocabulary_through_the_fast_tokenizer_path(tmp_path):
+    """Llama 2 / TinyLlama / Mistral ship LlamaTokenizerFast: the original wrote their pieces through the
+    byte-level path (score = -id, `<0xNN>` and '▁' kept as text); they must come back as a llama vocabulary."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581t", "he", "\u2581the"]
+    ow.write_t_fast(tmp_path / "fast.t", pieces, 1, [2])
+    params = ow.params_for(ow.LLAMA, dim=32, hidden_dim=32, n_layers=1, n_heads=1, n_kv_heads=1,
+                           vocab_size=len(pieces), max_seq_len=64, weight_type="f32")  # fmt: skip
+    L = {k: np.ones(s, np.float32) for k, s in dict(q=(32, 32), k=(32, 32), v=(32, 32), o=(32, 32), w1=(32, 32),
+         w2=(32, 32), w3=(32, 32), att_norm=(32,), ffn_norm=(32,)).items()}  # fmt: skip
+    emb = np.ones((len(pieces), 32), np.float32)
+    ow.write_m(tmp_path / "fast.m", params, [L], emb, np.ones(32, np.float32), emb)
+    convert_original(tmp_path / "fast.m", tmp_path / "fast.gguf", tokenizer_path=tmp_path / "fast.t")
+    r = gguf.GGUFReader(tmp_path / "fast.gguf")
+    assert meta(r, "tokenizer.ggml.model") == "llama" and meta(r, "tokenizer.ggml.tokens") == pieces
+    types = meta(r, "tokenizer.ggml.token_type")
+    assert set(types[3:259]) == {gguf.TokenType.BYTE} and types[0] == gguf.TokenType.UNKNOWN
 
 
 @pytest.mark.parametrize("weight_type", ["f32", "q80"])
@@ -387,3 +405,40 @@ def test_tokenizer_wrong_magic_and_truncated(small_m, tmp_path):
     with pytest.raises(DllamaError, match="old tokenizer format"):
         read_tokenizer(_copy_with(small_m / "ok.t", tmp_path / "old.t", data=struct.pack("<i", 0x567123)))
     assert read_tokenizer(small_m / "ok.t").tokens == [b"<unk>", b"<s>", b"</s>", b"a"]
+
+
+def test_target_type_requantizes_matrices(tmp_path):
+    _, ref = ow.write_qwen3_m(tmp_path / "q.m", moe=True, weight_type="f32")
+    convert_original(tmp_path / "q.m", tmp_path / "q80.gguf", target="q80")
+    r, got, types = read_gguf(tmp_path / "q80.gguf")
+    for name, a in ref.items():
+        if a.ndim == 1:
+            assert types[name] == QT.F32 and np.array_equal(got[name], a), name
+        else:
+            expect = gguf.quants.dequantize(gguf.quants.quantize(a, QT.Q8_0), QT.Q8_0).reshape(a.shape)
+            assert types[name] == QT.Q8_0 and np.array_equal(got[name], expect), name
+    assert meta(r, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    with pytest.raises(DllamaError, match="unknown --type"):
+        convert_original(tmp_path / "q.m", tmp_path / "x.gguf", target="q5")
+
+
+def test_llama_with_half_split_rope_is_permuted_to_interleaved(tmp_path):
+    """rope type 1 ("falcon") on a llama file means q/k rows are in Hugging Face order: GGUF llama wants them
+    permuted the way the original's convert-hf.py (and llama.cpp's converter) permute()."""
+
+    def permute(w, n_heads):  # convert-hf.py's permute, in NumPy
+        return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    params = ow.params_for(ow.LLAMA, dim=64, hidden_dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=8,
+                           max_seq_len=64, weight_type="f32")  # fmt: skip
+    params["rope_type"] = 1
+    g = np.random.default_rng(2)
+    L = {k: g.standard_normal(s).astype(np.float32) for k, s in dict(q=(64, 64), k=(32, 64), v=(32, 64),
+         o=(64, 64), w1=(64, 64), w2=(64, 64), w3=(64, 64), att_norm=(64,), ffn_norm=(64,)).items()}  # fmt: skip
+    emb = g.standard_normal((8, 64)).astype(np.float32)
+    ow.write_m(tmp_path / "f.m", params, [L], emb, np.ones(64, np.float32), emb)
+    convert_original(tmp_path / "f.m", tmp_path / "f.gguf")
+    _, got, _ = read_gguf(tmp_path / "f.gguf")
+    assert np.array_equal(got["blk.0.attn_q.weight"], permute(L["q"], 4))
+    assert np.array_equal(got["blk.0.attn_k.weight"], permute(L["k"], 2))
+    assert np.array_equal(got["blk.0.attn_v.weight"], L["v"])

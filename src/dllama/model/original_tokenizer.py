@@ -163,14 +163,24 @@ def _looks_special(text: str) -> bool:
 
 
 def _pre_tokenizer(tokens: list[bytes]) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for the vocabulary families the original shipped; the `.t` file does
-    not say which pre-tokenizer regex the vocabulary was trained with, so recognise it by its specials."""
+    """llama.cpp's `tokenizer.ggml.pre` (the regex that cuts text into words before BPE) for the vocabulary
+    families the original supports; the `.t` file does not record it, so recognise the family by its specials.
+    llama.cpp identifies it by hashing a tokenizer's output, which needs the Hugging Face files we do not have."""
     have = set(tokens)
     if b"<|begin_of_text|>" in have and b"<|start_header_id|>" in have:
         return "llama-bpe"  # Llama 3.x, DeepSeek-R1-Distill-Llama
     if b"<|im_start|>" in have and b"<|endoftext|>" in have and len(tokens) >= 151643:
         return "qwen2"  # Qwen2/2.5/3
+    if tokens[:1] == [b"<|endoftext|>"] and b"<repo_name>" in have and len(tokens) == 49152:
+        return "smollm"  # SmolLM / SmolLM2 (digits split one by one)
     return "default"
+
+
+def _spm_pieces(tokens: list[bytes]) -> bool:
+    """SentencePiece vocabularies that went through the original's byte-level path (LlamaTokenizerFast:
+    Llama 2, TinyLlama, Mistral) still hold `<0x00>`..`<0xFF>` pieces as text and '▁' for spaces."""
+    have = set(tokens)
+    return all(f"<0x{b:02X}>".encode() in have for b in range(256))
 
 
 def _byte_level_meta(tok: OriginalTokenizer) -> dict:
@@ -257,7 +267,8 @@ def gguf_tokenizer_metadata(tok: OriginalTokenizer, vocab_size: int | None = Non
     `tokenizer.ggml.eot_token_id` (llama.cpp's end-of-turn, e.g. Llama 3's <|eot_id|>) and the whole list is
     `tokenizer.ggml.eos_token_ids` (an array; llama.cpp ignores unknown keys).
     """
-    meta = _byte_level_meta(tok) if tok.byte_level else _sentencepiece_meta(tok)
+    byte_level = tok.byte_level and not _spm_pieces(tok.tokens)
+    meta = _byte_level_meta(tok) if byte_level else _sentencepiece_meta(tok)
     n = len(tok.tokens)
     if vocab_size is not None and vocab_size > n:  # llama.cpp pads the vocabulary to the embedding rows
         meta["tokenizer.ggml.tokens"] += [f"[PAD{i}]" for i in range(n, vocab_size)]
