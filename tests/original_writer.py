@@ -38,9 +38,24 @@ def tensor_bytes(x: np.ndarray, float_type: str) -> bytes:
         return x.astype("<f4").tobytes()
     if float_type == "f16":
         return x.astype("<f2").tobytes()
-    # Q40 / Q80 blocks of 32 over the flattened tensor: the same bytes as GGUF Q4_0 / Q8_0
-    qtype = QT.Q4_0 if float_type == "q40" else QT.Q8_0
-    return gguf.quants.quantize(x.reshape(-1, 32), qtype).tobytes()
+    groups = x.reshape(-1, 32)
+    gmax, gmin = groups.max(axis=1), groups.min(axis=1)
+    if float_type == "q40":  # writeQuantizedQ40Tensor
+        deltas = np.where(-gmin > gmax, gmin, gmax) / np.float32(-8)
+        with np.errstate(divide="ignore"):
+            ids = np.where(deltas != 0, np.float32(1.0) / deltas, np.float32(0)).astype(np.float32)
+        q = np.clip(groups * ids[:, None] + np.float32(8.5), 0, 15).astype(int)
+        packed = ((q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)).astype(np.uint8)
+        out = np.empty((len(groups), 18), np.uint8)
+    else:  # writeQuantizedQ80Tensor: np.round rounds half to even
+        deltas = np.where(-gmin > gmax, -gmin, gmax) / np.float32(127)
+        with np.errstate(divide="ignore"):
+            ids = np.where(deltas != 0, np.float32(1.0) / deltas, np.float32(0)).astype(np.float32)
+        packed = np.round(groups * ids[:, None]).astype(np.int8).view(np.uint8)
+        out = np.empty((len(groups), 34), np.uint8)
+    out[:, :2] = deltas.astype("<f2").view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = packed
+    return out.tobytes()
 
 
 def params_for(
