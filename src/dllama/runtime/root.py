@@ -5,6 +5,7 @@ same code)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -35,13 +36,16 @@ class StepResult:
 class Root:
     def __init__(self, model: GGUFModel, *, nthreads: int = 1, max_seq: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, workers: list[str] | None = None, weights=None,
-                 sync: str = "q80", secret: str | None = None, log=None):  # fmt: skip
+                 sync: str = "q80", secret: str | None = None, check_residual: bool | None = None,
+                 log=None):  # fmt: skip
         self.model = model
         self.cfg = cfg = model.config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.workers = list(workers or [])
-        if sync not in ("q80", "f32"):
-            raise DllamaError(f"unknown sync format {sync!r} (q80 or f32)")
+        if sync not in ("q80", "f16", "f32"):
+            raise DllamaError(f"unknown sync format {sync!r} (q80, f16 or f32)")
+        if check_residual is None:  # debug: DLLAMA_CHECK_RESIDUAL=1 makes every node prove its stream is the root's
+            check_residual = os.environ.get("DLLAMA_CHECK_RESIDUAL", "") not in ("", "0")
         self.plan = SplitPlan.make(cfg, 1 + len(self.workers), weights)
         requested = min(max_seq or cfg.context_length, cfg.context_length) if max_seq is None else max_seq
         if requested < 2:
@@ -56,13 +60,14 @@ class Root:
             w[0] += model.embedding.nbytes  # the root also keeps the embedding table for lookups
             self.log(self.plan.describe(w, [kv_cache_bytes(cfg, n, self.max_seq) for n in self.plan.nodes]))
         share = self.plan.nodes[0]
-        self.engine = Engine(cfg, share, max_seq=self.max_seq, max_batch=self.max_batch, nthreads=nthreads, sync=sync)
+        self.engine = Engine(cfg, share, max_seq=self.max_seq, max_batch=self.max_batch, nthreads=nthreads, sync=sync,
+                             check_residual=check_residual and bool(self.workers))  # fmt: skip
         for p in self.plan.placements(share):
             v = self.plan.view(share, p, model)
             # a node holding a slice reads it fastest from its own packed copy (TensorView.packed_copy)
             self.engine.set(p, v if self.plan.n_nodes == 1 else v.packed_copy())
         self.engine.ready()
-        self.settings = Settings(self.max_seq, self.max_batch, sync, secret)
+        self.settings = Settings(self.max_seq, self.max_batch, sync, secret, check_residual and bool(self.workers))
         self.cluster: Cluster | None = None
         if self.workers:
             self.reconnect()
@@ -75,8 +80,11 @@ class Root:
 
     @property
     def available(self) -> bool:
-        """False after a worker failed, until `reconnect()` succeeds."""
-        return self.cluster is not None and not self.cluster.broken
+        """False after a worker failed (or, while idle, its link closed), until `reconnect()` succeeds."""
+        if self.cluster is None or self.cluster.broken:
+            return False
+        probe = getattr(self.cluster, "probe", None)
+        return probe() if probe else True
 
     def reconnect(self) -> None:
         """(Re)connects the workers and ships their slices again. Callers must forget their cached tokens: the KV

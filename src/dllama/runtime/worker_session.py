@@ -127,7 +127,7 @@ class WorkerSession:
                               f"{available_bytes() / 2**30:.1f} GiB available")  # fmt: skip
         self.server.current_session = self  # peers may connect from now on
         engine = Engine(plan.cfg, share, max_seq=s.max_seq, max_batch=s.max_batch, nthreads=self.server.nthreads,
-                        sync=s.sync)  # fmt: skip
+                        sync=s.sync, check_residual=s.check_residual)  # fmt: skip
         self._load(engine, s)
         self.mesh = Mesh(s.index, self._mesh(s), DATA_TIMEOUT)
         engine.set_comm(self.mesh)
@@ -158,6 +158,8 @@ class WorkerSession:
                     except (OSError, DllamaError):
                         pass
                 raise failure from None
+            if s.check_residual:
+                P.send(self.root, M.Residual(engine.residual_hashes()))
             if msg.logits != M.LOGITS_NONE:
                 self._send_logits(engine, s, msg.T, msg.logits)
 
