@@ -45,8 +45,8 @@ class WorkerProc:
     """A real `dllama worker` process listening on 127.0.0.1 (port chosen by the worker)."""
 
     def __init__(self, secret: str | None = "test-secret", extra: list[str] | None = None, env=None):
-        e = dict(os.environ, **(env or {}))
-        e.pop("DLLAMA_SECRET", None)
+        e = {k: v for k, v in os.environ.items() if k != "DLLAMA_SECRET"}  # only what the test passes
+        e.update(env or {})
         args = [
             sys.executable,
             "-m",

@@ -3,9 +3,11 @@
 Exactness is checked where it is well defined: with F32 weights there is no activation quantization, so
 1, 2, 3, 4 nodes (and weighted splits) must give the same logits up to float summation order. With the
 default Q4_1 model, activations are quantized to Q8_0 before every matmul; a one-ulp difference in summation
-order can flip a rounding and the runs then differ like two noisy runs (max |logit diff| ~1), so greedy paths
-agree until the first near-tie. We check argmax agreement wherever the single node's top-2 margin is clear,
-and free-running agreement on fixed prompts, printing the measured numbers."""
+order can flip a rounding and the runs then differ like two noisy runs (measured: max |logit diff| ~3, the top-2
+gap shifted by < 1, see NEAR_TIE), so greedy paths agree until the first near-tie. We check argmax agreement
+wherever the single node's top-2 gap is above the measured noise, logit bounds from the same measurement, and
+free-running agreement on fixed prompts; q80 runs also make every node prove its residual stream equals the
+root's after every block (check_residual)."""
 
 import subprocess
 import sys
@@ -75,24 +77,46 @@ def test_synthetic_8kv_q4_q80_close(tiny8, workers):
     assert corr > 0.99
 
 
+# Noise of the default model (Q4_1 weights, Q8_0 activations) split across nodes vs the single node, measured by
+# scripts/measure_noise.py teacher-forced along the single node's greedy path of 6 prompts x 40 tokens (249
+# positions): the shift of the top-2 gap (|delta margin|), max |logit diff| per position, correlation per position.
+#   q80 2 nodes: delta margin q0.999 0.944, max 0.971; max |diff| median 1.39, max 2.98; corr min 0.9902
+#   q80 3 nodes: delta margin q0.999 0.974, max 0.974; max |diff| median 1.51, max 3.08; corr min 0.9914
+#   f32 2 nodes: delta margin q0.999 0.486, max 0.490; max |diff| median 0.65, max 1.47; corr min 0.9979
+# Allowances = the measured maximum x 1.5 (the gap and the correlation deficit) or x 1.25 (|diff|): a greedy step
+# may only flip where the single node's gap is below NEAR_TIE.
+NEAR_TIE = {"q80": 1.5, "f32": 0.75}  # 1.5 x 0.974, 1.5 x 0.490
+MAX_DIFF = {"q80": 3.85, "f32": 1.85}  # 1.25 x 3.08, 1.25 x 1.47
+MEDIAN_DIFF = {"q80": 1.9, "f32": 0.82}  # 1.25 x the median of the per-position max |diff|
+MIN_CORR = {"q80": 0.985, "f32": 0.9968}  # 1 - 1.5 x (1 - measured min)
+
+
 @pytest.mark.parametrize("n,buffer_type", [(2, "f32"), (3, "f32"), (2, "q80"), (3, "q80")])
 def test_default_model_argmax_agrees_where_clear(default_model, workers, n, buffer_type):
+    """Teacher-forced along the single node's greedy path: the same argmax at every position where the single
+    node's top-2 gap exceeds the measured noise, and logits within the measured bounds."""
     m = GGUFModel(default_model)
     tok = Tokenizer.from_gguf(default_model, reader=m.reader)
     single = Session(Root(m, nthreads=1, max_seq=128, **QUIET))
     path = [*tok.encode("Once upon a time"), *single.generate(tok.encode("Once upon a time"), Sampler(0), 40)]
     ref = logits_per_position(single.root, path)
     ws = workers(n - 1)
-    with cluster(m, [w.address for w in ws], sync=buffer_type) as r:
+    with cluster(m, [w.address for w in ws], sync=buffer_type, check_residual=buffer_type == "q80") as r:
         got = logits_per_position(r, path)
     top2 = np.sort(ref, axis=1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 1.5
+    gap = top2[:, 1] - top2[:, 0]
+    clear = gap > NEAR_TIE[buffer_type]
     same = got.argmax(axis=1) == ref.argmax(axis=1)
-    print(f"{n} nodes {buffer_type}: max |logit diff| {np.abs(got - ref).max():.3f}; argmax equal at "
-          f"{same.sum()}/{len(same)} positions, at all {clear.sum()} clear ones: {same[clear].all()}")  # fmt: skip
+    diff = np.abs(got - ref).max(axis=1)
+    corr = np.array([np.corrcoef(got[i], ref[i])[0, 1] for i in range(len(got))])
+    print(f"{n} nodes {buffer_type}: max |logit diff| {diff.max():.3f} (median {np.median(diff):.3f}), min corr "
+          f"{corr.min():.5f}; argmax equal at {same.sum()}/{len(same)} positions, {clear.sum()} clear")  # fmt: skip
+    bad = [(i, round(float(gap[i]), 3)) for i in np.flatnonzero(clear & ~same)]
+    assert not bad, f"unexplained divergence: another argmax where the single node's gap was clear: {bad}"
     assert clear.sum() >= len(path) // 3
-    assert same[clear].all()
-    assert same.mean() >= 0.8
+    assert diff.max() <= MAX_DIFF[buffer_type], f"unexplained divergence: max |logit diff| {diff.max():.3f}"
+    assert np.median(diff) <= MEDIAN_DIFF[buffer_type], f"unexplained divergence: median {np.median(diff):.3f}"
+    assert corr.min() >= MIN_CORR[buffer_type], f"unexplained divergence: correlation {corr.min():.5f}"
 
 
 PROMPTS = [
@@ -103,42 +127,46 @@ PROMPTS = [
     "The capital of France is",
     "My favourite food is",
 ]
-NOISE = {"f32": 1.5, "q80": 3.0}  # measured max |logit diff| vs the single node: ~1.2 (f32), ~2.4 (q80)
 
 
-def greedy_with_margins(root: Root, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+def greedy_with_logits(root: Root, ids: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
     logits = root.forward(ids, 0)
-    out, margins = [], []
+    out, seen = [], []
     for i in range(n):
-        top2 = np.sort(logits)[-2:]
+        seen.append(logits.copy())
         out.append(int(logits.argmax()))
-        margins.append(float(top2[1] - top2[0]))
         logits = root.forward([out[-1]], len(ids) + i)
-    return out, margins
+    return out, seen
 
 
 @pytest.mark.parametrize("n,buffer_type", [(2, "f32"), (3, "f32"), (2, "q80"), (3, "q80")])
 def test_default_model_greedy_agrees_with_single_node(default_model, workers, n, buffer_type):
-    """Greedy output equals the single node's until the single node itself faces a near-tie (top-2 margin
-    within the activation-quantization noise); the raw agreement lengths are printed for the report."""
+    """Greedy output equals the single node's until the single node itself faces a near-tie: where the two part,
+    the single node's logit gap between its token and the cluster's must be within the measured noise
+    (NEAR_TIE). The raw agreement lengths are printed for the report."""
     m = GGUFModel(default_model)
     tok = Tokenizer.from_gguf(default_model, reader=m.reader)
     single = Root(m, nthreads=1, max_seq=128, **QUIET)
     ws = workers(n - 1)
     agree_all, unexplained = [], []
-    with cluster(m, [w.address for w in ws], sync=buffer_type) as r:
+    with cluster(m, [w.address for w in ws], sync=buffer_type, check_residual=buffer_type == "q80") as r:
         for prompt in PROMPTS:
             ids = tok.encode(prompt)
-            ref, margins = greedy_with_margins(single, ids, 40)
-            got, _ = greedy_with_margins(r, ids, 40)
+            ref, ref_logits = greedy_with_logits(single, ids, 40)
+            got, _ = greedy_with_logits(r, ids, 40)
             agree = next((i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b), 40)
             agree_all.append(agree)
-            if agree < 40 and margins[agree] > NOISE[buffer_type]:
-                unexplained.append((prompt, agree, margins[agree]))
+            if agree < 40:
+                gap = float(ref_logits[agree][ref[agree]] - ref_logits[agree][got[agree]])
+                if gap > NEAR_TIE[buffer_type]:
+                    unexplained.append((prompt, agree, round(gap, 3)))
     print(
         f"{n} nodes {buffer_type}: greedy agreement with 1 node over {len(PROMPTS)} prompts: {agree_all} tokens"
     )
-    assert not unexplained, f"diverged where the single node had a clear winner: {unexplained}"
+    assert not unexplained, (
+        f"unexplained divergence (the single node's gap above the measured noise {NEAR_TIE[buffer_type]}): "
+        f"{unexplained}"
+    )
     assert max(agree_all) >= (32 if buffer_type == "f32" else 16)
 
 
