@@ -83,11 +83,11 @@ def test_synthetic_8kv_q4_q80_close(tiny8, workers):
 #   q80 2 nodes: delta margin q0.999 0.944, max 0.971; max |diff| median 1.39, max 2.98; corr min 0.9902
 #   q80 3 nodes: delta margin q0.999 0.974, max 0.974; max |diff| median 1.51, max 3.08; corr min 0.9914
 #   f32 2 nodes: delta margin q0.999 0.486, max 0.490; max |diff| median 0.65, max 1.47; corr min 0.9979
-# Allowances = the measured maximum x 1.5 (the gap and the correlation deficit) or x 1.25 (|diff|): a greedy step
+# Allowances = the measured maximum x 1.5 (the gap, the correlation deficit, the median) or x 1.25 (max |diff|): a greedy step
 # may only flip where the single node's gap is below NEAR_TIE.
 NEAR_TIE = {"q80": 1.5, "f32": 0.75}  # 1.5 x 0.974, 1.5 x 0.490
 MAX_DIFF = {"q80": 3.85, "f32": 1.85}  # 1.25 x 3.08, 1.25 x 1.47
-MEDIAN_DIFF = {"q80": 1.9, "f32": 0.82}  # 1.25 x the median of the per-position max |diff|
+MEDIAN_DIFF = {"q80": 2.26, "f32": 0.98}  # 1.5 x the measured median of the per-position max |diff|
 MIN_CORR = {"q80": 0.985, "f32": 0.9968}  # 1 - 1.5 x (1 - measured min)
 
 
@@ -149,7 +149,9 @@ def test_default_model_greedy_agrees_with_single_node(default_model, workers, n,
     single = Root(m, nthreads=1, max_seq=128, **QUIET)
     ws = workers(n - 1)
     agree_all, unexplained = [], []
-    with cluster(m, [w.address for w in ws], sync=buffer_type, check_residual=buffer_type == "q80") as r:
+    # no residual check here (test_default_model_argmax_agrees_where_clear has it): this test must catch what a
+    # consistent bug does to the output by itself, through the measured-noise criterion
+    with cluster(m, [w.address for w in ws], sync=buffer_type) as r:
         for prompt in PROMPTS:
             ids = tok.encode(prompt)
             ref, ref_logits = greedy_with_logits(single, ids, 40)

@@ -3,9 +3,10 @@
 
 - An F32 copy of the model (float activations, no quantization anywhere) must match transformers to ~1e-4.
 - The original Q4_1 file quantizes activations to Q8_0 before each matmul (as the original system and
-  llama.cpp do); its logits differ from the float reference by up to ~1.5, so greedy paths can part at
-  near-ties. We check high correlation, >= 16 agreeing greedy tokens on fixed prompts, and, teacher-forced
-  along the reference's greedy path, the same argmax wherever the reference's top-2 margin is clear.
+  llama.cpp do); its logits differ from the float reference by up to ~2 (the top-2 gap moves by < 0.6), so
+  greedy paths can part at near-ties. Bounds from that measurement (NEAR_TIE and below): correlation and |diff|,
+  greedy agreement that may only end at a near-tie, and, teacher-forced along the reference's greedy path, the
+  same argmax wherever the reference's top-2 gap is above the noise.
 """
 
 import os
@@ -33,10 +34,13 @@ GREEDY_PROMPTS = [
     "The capital of France is",
     "My favourite food is",
 ]
-NEAR_TIE = 1.5  # measured max |logit diff| vs transformers ~1.1-1.3: a smaller top-2 gap may flip
-CLEAR_MARGIN = (
-    0.5  # logit gap above which Q8_0 activation noise (measured max |diff| ~1.5, typical << 0.5) can't flip
-)
+# Noise of the Q4_1 model (Q8_0 activations) vs transformers, measured by `scripts/measure_noise.py --vs
+# transformers`, teacher-forced along dllama's greedy path of 6 prompts x 40 tokens (249 positions):
+#   shift of the top-2 gap: q0.999 0.552, max 0.571; max |logit diff| per position: median 0.699, max 2.11;
+#   correlation per position: min 0.99655.
+# Allowances: the gap and the correlation deficit x 1.5, max |diff| x 1.25, the median x 1.5.
+NEAR_TIE = 0.86  # 1.5 x 0.571: a smaller top-2 gap may flip; a larger one flipping is an unexplained divergence
+MAX_DIFF, MEDIAN_DIFF, MIN_CORR = 2.64, 1.05, 0.9948
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +85,12 @@ def test_q41_logits_close_to_transformers(hf, ours):
     for prompt in ["The capital of France is", "def fibonacci(n):"]:
         ids = tok.encode(prompt)
         ref, got = hf_logits(hf, ids), our_logits(session.root, ids)
-        diff = np.abs(got - ref).max()
+        diff = np.abs(got - ref).max(axis=1)
         corr = min(np.corrcoef(got[i], ref[i])[0, 1] for i in range(len(ids)))
-        print(f"{prompt!r}: max |logit diff| {diff:.3f}, min correlation {corr:.5f}")
-        assert corr > 0.995
-        assert diff < 3.0
+        print(f"{prompt!r}: max |logit diff| {diff.max():.3f} (median {np.median(diff):.3f}), min corr {corr:.5f}")
+        assert corr >= MIN_CORR, f"unexplained divergence: correlation {corr:.5f}"
+        assert diff.max() <= MAX_DIFF, f"unexplained divergence: max |logit diff| {diff.max():.3f}"
+        assert np.median(diff) <= MEDIAN_DIFF, f"unexplained divergence: median |diff| {np.median(diff):.3f}"
         assert (got.argmax(axis=1) == ref.argmax(axis=1)).mean() >= 0.8
 
 
@@ -107,11 +112,12 @@ def test_greedy_agrees_with_transformers(hf, ours):
         )
         lengths.append(agree)
         if agree < min(len(ref), len(got)):
-            top2 = np.sort(out.scores[agree][0].numpy())[-2:]
-            if top2[1] - top2[0] > NEAR_TIE:
-                unexplained.append((prompt, agree, float(top2[1] - top2[0])))
+            scores = out.scores[agree][0].numpy()  # transformers' logits at the step where the two part
+            gap = float(scores[ref[agree]] - scores[got[agree]])
+            if gap > NEAR_TIE:
+                unexplained.append((prompt, agree, round(gap, 3)))
         print(f"{prompt!r}: greedy agrees with transformers for {agree} of 40 tokens: {tok.decode(got)!r}")
-    assert not unexplained, f"diverged where transformers had a clear winner: {unexplained}"
+    assert not unexplained, f"unexplained divergence (transformers' gap above the noise {NEAR_TIE}): {unexplained}"
     assert sum(n >= 16 for n in lengths) >= len(lengths) // 2, lengths
 
 
@@ -124,6 +130,8 @@ def test_teacher_forced_argmax_agrees_where_reference_is_clear(hf, ours, prompt)
     ref = hf_logits(hf, path[:-1])
     got = our_logits(session.root, path[:-1])
     top2 = np.sort(ref, axis=1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > CLEAR_MARGIN
+    gap = top2[:, 1] - top2[:, 0]
+    clear = gap > NEAR_TIE
     assert clear.sum() >= len(path) // 2
-    assert np.array_equal(got.argmax(axis=1)[clear], ref.argmax(axis=1)[clear])
+    bad = [(i, round(float(gap[i]), 3)) for i in np.flatnonzero(clear & (got.argmax(axis=1) != ref.argmax(axis=1)))]
+    assert not bad, f"unexplained divergence: another argmax where transformers' gap was clear: {bad}"
