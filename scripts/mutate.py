@@ -115,7 +115,7 @@ def run_mutant(d: str, m: Mutant, pristine_so: dict[str, bytes]) -> tuple[bool, 
             f.write(original.replace(m.old, m.new))
         if is_c:
             build(d)
-        env = dict(os.environ, PYTHONPATH=os.path.join(d, "src"))
+        env = dict(os.environ, PYTHONPATH=os.path.join(d, "src"), COLUMNS="250")
         r = sh([sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *m.tests], d, env)
         out = r.stdout + r.stderr
         failed = re.findall(r"^FAILED (\S+)(?: - (.*))?$", out, re.M)
