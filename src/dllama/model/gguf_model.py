@@ -8,6 +8,7 @@ file) is refused. A model split into `-0000i-of-0000n.gguf` parts loads as one."
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from collections import Counter
@@ -141,6 +142,27 @@ class GGUFModel:
             for layer in range(cfg.n_layers):
                 if self.layer(layer, spec.name).type != QT.F32:
                     raise DllamaError(f"tensor 'blk.{layer}.{spec.name}' must be F32")
+
+    def release(self, v: TensorView) -> None:
+        """Drop the file pages under view `v` from this process and the page cache: the node does not read them
+        again (a worker's slice that was shipped, a tensor the engine copied). The mapping stays valid."""
+        for reader, part in zip(self.readers, self.parts, strict=True):
+            mm = reader.data
+            start = v.base.ctypes.data + v.offset - mm.ctypes.data
+            if not 0 <= start < mm.nbytes:
+                continue
+            length = (v.rows - 1) * v.stride + v.row_bytes if v.rows else 0
+            page = mmap.PAGESIZE
+            lo, hi = start // page * page, min(mm.nbytes, -(-(start + length) // page) * page)
+            raw = getattr(mm, "_mmap", None)
+            if raw is not None and hi > lo:
+                raw.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            return
 
     # ---- accessors ----
     def layer(self, layer: int, name: str) -> TensorView:

@@ -145,7 +145,7 @@ static PyObject *Engine_set_tensor(Engine *self, PyObject *args) {
         return NULL;
     }
     if (rc == -3) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return PyBool_FromLong(uses_source);
 }
 
 static PyObject *Engine_check(Engine *self, PyObject *noargs) {
@@ -219,7 +219,8 @@ static PyMethodDef Engine_methods[] = {
     {"residual_hashes", (PyCFunction)Engine_residual_hashes, METH_NOARGS,
      "bytes: u64 hash of the residual stream after each sync step of the last forward (check_residual), or None"},
     {"set_tensor", (PyCFunction)Engine_set_tensor, METH_VARARGS,
-     "set_tensor(layer, slot, expert, buffer, offset, type, rows, cols, row_stride); layer -1: global slots"},
+     "set_tensor(layer, slot, expert, buffer, offset, type, rows, cols, row_stride) -> reads the buffer in place; "
+     "layer -1: global slots"},
     {"check", (PyCFunction)Engine_check, METH_NOARGS, "raise ValueError unless every tensor the graph reads is set"},
     {"set_comm", (PyCFunction)Engine_set_comm, METH_O, "set_comm(obj with a dllama.comm capsule, or None)"},
     {"forward", (PyCFunction)Engine_forward, METH_VARARGS, "forward(pos, T): every layer; CommError on a peer failure"},
