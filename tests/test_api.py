@@ -3,6 +3,7 @@ requests that client would refuse to send)."""
 
 import concurrent.futures
 import json
+import math
 import os
 import re
 import signal
@@ -380,6 +381,11 @@ def test_two_nodes_answer_and_a_dead_worker_gives_503():
         r = c.completions.create(model="any", prompt="The capital of France is", max_tokens=3)
         assert r.choices[0].text.startswith(" Paris")
         assert "Berlin" in ask(c, "What is the capital of Germany?", max_tokens=20).choices[0].message.content
+        # logprobs from logits gathered across nodes: P(" Paris") as the NumPy reference model computes it
+        # (0.7725, see test_completion_logprobs_match_the_numpy_reference)
+        lp = c.completions.create(model="any", prompt="The capital of France is", max_tokens=1, logprobs=2,
+                                  temperature=0.5, seed=1).choices[0].logprobs  # fmt: skip
+        assert abs(math.exp(lp.top_logprobs[0][" Paris"]) - 0.7725) < 0.03, lp
 
         workers = _children(s.proc.pid)
         assert len(workers) == 1
@@ -492,8 +498,6 @@ def _numpy_reference_logprobs(ids: list[int], steps: int):
 
 
 def test_completion_logprobs_match_the_numpy_reference(client):
-    import math
-
     from dllama.model.default import default_model_path
     from dllama.tokenizer import Tokenizer
 

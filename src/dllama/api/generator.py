@@ -76,7 +76,8 @@ class ScoringSampler:
         if self.top is not None:
             z = logits.astype(np.float64)
             z -= z.max()
-            lp = z - np.log(np.exp(z).sum())
+            # -inf (a masked logit) is no JSON number: floor at -9999, as OpenAI reports the impossible
+            lp = np.maximum(z - np.log(np.exp(z).sum()), -9999.0)
             k = self.top
             best = np.argpartition(-lp, k - 1)[:k] if 0 < k < len(lp) else np.arange(len(lp) if k else 0)
             best = best[np.argsort(-lp[best], kind="stable")]
