@@ -383,9 +383,14 @@ def test_two_nodes_answer_and_a_dead_worker_gives_503():
         assert "Berlin" in ask(c, "What is the capital of Germany?", max_tokens=20).choices[0].message.content
         # logprobs from logits gathered across nodes: P(" Paris") as the NumPy reference model computes it
         # (0.7725, see test_completion_logprobs_match_the_numpy_reference)
-        lp = c.completions.create(model="any", prompt="The capital of France is", max_tokens=1, logprobs=2,
-                                  temperature=0.5, seed=1).choices[0].logprobs  # fmt: skip
-        assert abs(math.exp(lp.top_logprobs[0][" Paris"]) - 0.7725) < 0.03, lp
+        tops = {}
+        for temperature in (0.5, 0.0):
+            lp = c.completions.create(model="any", prompt="The capital of France is", max_tokens=1, logprobs=5,
+                                      temperature=temperature, seed=1).choices[0].logprobs  # fmt: skip
+            tops[temperature] = lp.top_logprobs[0]
+            assert abs(math.exp(tops[temperature][" Paris"]) - 0.7725) < 0.03, (temperature, lp)
+        # greedy too: the other node then sends all its logits, not only its best, so the same distribution
+        assert tops[0.0] == tops[0.5]
 
         workers = _children(s.proc.pid)
         assert len(workers) == 1
@@ -478,20 +483,15 @@ def test_cli_accepts_a_negative_seed():
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
 
 
-def _numpy_reference_logprobs(ids: list[int], steps: int):
-    """log-softmax of the NumPy reference model's logits along its greedy path: [(lp vector, argmax)]."""
+def _numpy_reference_logprobs(ids: list[int]):
+    """log-softmax of the NumPy reference model's logits after each of `ids`: [(lp vector, argmax)]."""
     import numpy as np
 
     from dllama.engine import reference
     from dllama.model.default import default_model_path
-    from dllama.model.gguf_model import GGUFModel
 
-    m = GGUFModel(default_model_path())
-    seq = list(ids)
-    for _ in range(steps - 1):
-        seq.append(int(np.argmax(reference.forward(m, seq)[-1])))
     out = []
-    for z in reference.forward(m, seq)[len(ids) - 1 :]:  # one forward gives every position's logits
+    for z in reference.forward(default_model_path(), ids):
         z = z - z.max()
         out.append((z - np.log(np.exp(z).sum()), int(np.argmax(z))))
     return out
@@ -507,7 +507,10 @@ def test_completion_logprobs_match_the_numpy_reference(client):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 2
     assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset == [0, len(lp.tokens[0])]
-    ref = _numpy_reference_logprobs(ids, 2)
+    first = tok.encode(lp.tokens[0], add_bos=False)
+    assert len(first) == 1
+    # one reference forward along our greedy path gives both positions; the paths must agree (below)
+    ref = _numpy_reference_logprobs(ids + first)[len(ids) - 1 :]
     for i, (ref_lp, ref_best) in enumerate(ref):
         text = tok.token_bytes(ref_best).decode()
         assert lp.tokens[i] == text  # the same greedy path as the reference
