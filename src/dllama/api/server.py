@@ -43,7 +43,7 @@ class ClientGone(Exception):
     pass
 
 
-class Model:
+class ServedModel:
     """What the routes need from the runtime: the tokenizer, the context size, the cluster's state and the
     generation thread. The only code here that touches the runtime."""
 
@@ -151,7 +151,7 @@ class Model:
 def create_app(rt: Runtime, *, model_id: str, api_key: str | None = None, defaults=None, log=None):
     """The app. `app.state.stop_generation()` ends running generations at once (for a prompt shutdown)."""
     defaults = defaults or Defaults()
-    model = Model(rt, log)
+    model = ServedModel(rt, log)
     pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="dllama-prepare")
     created = int(time.time())
 
