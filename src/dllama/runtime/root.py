@@ -70,7 +70,8 @@ class Root:
             v = self.plan.view(share, p, model)
             # a node holding a slice reads it fastest from its own packed copy (TensorView.packed_copy); whatever
             # the engine copied (a slice, a repacked tensor) no longer needs its file pages
-            if not self.engine.set(p, v if self.plan.n_nodes == 1 else v.packed_copy()):
+            copied = self.plan.n_nodes > 1
+            if not self.engine.set(p, v.packed_copy() if copied else v) or copied:
                 model.release(v)
         self.engine.ready()
         self.settings = Settings(self.max_seq, self.max_batch, sync, secret, check_residual and bool(self.workers),
