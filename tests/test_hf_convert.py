@@ -14,17 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from safetensors import safe_open
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-torch = pytest.importorskip("torch", reason="torch is in the test extras; install it")  # noqa: F841
-import transformers  # noqa: E402
-from gguf import GGMLQuantizationType as QT  # noqa: E402
-from gguf import GGUFReader  # noqa: E402
-from gguf.quants import dequantize  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from tokenizers import Regex  # noqa: E402
-
-from dllama.model.hf_convert import convert_hf, ensure_gguf_from_hf, hf_cache_path  # noqa: E402
+from dllama.model.hf_convert import convert_hf, ensure_gguf_from_hf, hf_cache_path
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CORPUS = [
@@ -32,6 +30,7 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. Don't you think it's great? We'll see.",
     "naïve café — 日本語のテキスト, emojis 🦙🚀 and tabs\tand\nnew lines.",
     "def main():\n    return 42  # code too\n",
+    "Numbers 1234567 and 12345678 and 7654321; 'RE you sure? 'M not, 'D you? I'VE SEEN IT, HE'S THERE.",
 ] * 20
 PROBES = [
     "Hello world! 123 4567",
@@ -39,6 +38,7 @@ PROBES = [
     "naïve café — 日本語 🦙",
     "<|im_start|>user\nhi there<|im_end|>\n",
     "I've been 'told he's there",
+    "'RE you sure? 'M not 1234567 12345678, I'VE SEEN",
 ]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -482,3 +482,60 @@ def test_cli_converts_a_folder(tmp):
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stderr and out.is_file()
     assert gguf_fields(out)["general.architecture"] == "qwen2"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a SentencePiece tokenizer.model (TinyLlama / Llama 2 folders), and Llama 3.1 rope scaling
+
+
+def test_sentencepiece_model_vocab(tmp):
+    import sentencepiece as spm
+
+    folder = tmp / "tinyllama"
+    folder.mkdir()
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, user_defined_symbols=["<tool>"],
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    n = sp.vocab_size()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "0": {"content": "<unk>", "special": True}, "1": {"content": "<s>", "special": True},
+        "2": {"content": "</s>", "special": True}}}))
+    make_model(folder, "llama", n + 2, bos_token_id=1, eos_token_id=2)
+    out = tmp / "out" / "tinyllama.gguf"
+    assert convert_hf(folder, out, "f16")["tokenizer"] == "llama"
+    f = gguf_fields(out)
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.pre"] == "default"
+    tokens, scores, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.scores"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == n + 2 and tokens[n:] == [f"[PAD{n}]", f"[PAD{n + 1}]"] and types[n:] == [5, 5]
+    # tokenizer_config's added_tokens_decoder overrides the first three, as in llama.cpp: control, score -1000
+    assert types[:3] == [3, 3, 3] and scores[:3] == [-1000.0] * 3 and tokens[:3] == ["<unk>", "<s>", "</s>"]
+    for i in range(3, n):
+        assert tokens[i] == sp.id_to_piece(i)
+        assert scores[i] == pytest.approx(sp.get_score(i))
+        want = 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1  # llama.cpp's map
+        assert types[i] == want, (i, tokens[i])
+    assert types[sp.piece_to_id("<tool>")] == 1  # sentencepiece user-defined: normal, as in llama.cpp
+    assert f["tokenizer.ggml.bos_token_id"] == 1 and f["tokenizer.ggml.eos_token_id"] == 2
+
+
+def test_llama3_rope_factors(tmp):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    folder = tmp / "llama31"
+    n = byte_level_tokenizer(folder, LLAMA3_SPLIT, bos=True)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+    make_model(folder, "llama", n, rope_parameters=scaling, max_position_embeddings=1024)
+    out = tmp / "out" / "llama31.gguf"
+    convert_hf(folder, out, "f32")
+    r = GGUFReader(str(out))
+    got = gguf_tensor(r, "rope_freqs.weight")
+    cfg = transformers.AutoConfig.from_pretrained(str(folder))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg)
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    np.testing.assert_allclose(got, (plain / scaled).numpy(), rtol=1e-5)  # llama.cpp divides by the factor
+    assert got.min() == pytest.approx(1.0) and got.max() == pytest.approx(8.0)
+    assert gguf_fields(out)["llama.rope.freq_base"] == pytest.approx(500000.0)
