@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import MODEL_ARCH, GGUFWriter, RopeScalingType, get_tensor_name_map
+from gguf import MODEL_ARCH, GGUFType, GGUFWriter, Metadata, RopeScalingType, get_tensor_name_map, size_label
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize
 from tqdm import tqdm
@@ -170,11 +170,22 @@ def _rope(hp: dict) -> dict:
     return dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
 
 
-def _write_hparams(w: GGUFWriter, h: Hyper, name: str) -> None:
+def _write_general(w: GGUFWriter, folder: Path) -> None:
+    """general.* as llama.cpp's prepare_metadata writes it: gguf-py's Metadata from the model card, config and
+    folder name, and a size label from the parameter count (tensor infos must be added first)."""
+    total, shared, expert, count = w.get_total_parameter_count()
+    meta = Metadata.load(None, folder, None, total)
+    if meta.name is None:
+        meta.name = folder.resolve().name
+    if meta.size_label is None and total > 0:
+        meta.size_label = size_label(total, shared, expert, count)
+    w.add_type(GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+
+
+def _write_hparams(w: GGUFWriter, h: Hyper) -> None:
     """llama.cpp's TextModel.set_gguf_parameters plus the per-architecture keys."""
     hp = h.hp
-    w.add_type("model")
-    w.add_name(name)
     w.add_block_count(h.n_layer)
     if (n_ctx := hp.get("max_position_embeddings")) is not None:
         w.add_context_length(int(n_ctx))
@@ -397,15 +408,16 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, target: 
     tmp = out_path.with_name(out_path.name + ".partial")
     writer = GGUFWriter(str(tmp), h.arch)
     try:
-        _write_hparams(writer, h, folder.resolve().name)  # llama.cpp's fallback name: the folder's
-        writer.add_file_type(FILE_TYPES[qtarget])
-        writer.add_quantization_version(2)
-        kind = write_vocab(writer, folder, h.arch, h.vocab)
         types = []
         for t in plan:
             qt = _out_type(t.name, t.shape, qtarget)
             types.append(qt)
             writer.add_tensor_info(t.name, *_info(t.shape, qt), raw_dtype=qt)
+        _write_general(writer, folder)
+        _write_hparams(writer, h)
+        writer.add_file_type(FILE_TYPES[qtarget])
+        writer.add_quantization_version(2)
+        kind = write_vocab(writer, folder, h.arch, h.vocab)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

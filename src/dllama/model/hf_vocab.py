@@ -321,9 +321,7 @@ def write_vocab(writer: GGUFWriter, folder: Path, arch: str, vocab_size: int) ->
     if kind == "llama":
         writer.add_token_scores(scores)
     writer.add_token_types(types)
-    # gpt2 needs its merges; for a SentencePiece BPE from tokenizer.json we add them too (llama.cpp ignores
-    # merges of a "llama" vocabulary, transformers' GGUF loader then rebuilds the exact BPE instead of guessing).
-    with_merges = kind == "gpt2" or (tok_json is not None and tok_json.get("model", {}).get("type") == "BPE")
+    with_merges = kind == "gpt2"  # a "llama" vocabulary carries its merge order in the scores
     special = SpecialVocab(folder, load_merges=with_merges, n_vocab=len(tokens))
     if kind == "gpt2" and not special.merges:
         raise DllamaError(f"{folder}: the BPE tokenizer has no merges")
