@@ -34,8 +34,12 @@ def run(args) -> int:
     elif src.endswith(".m"):
         if not args.tokenizer:
             raise DllamaError("converting a .m model needs its tokenizer: --tokenizer FILE.t")
-        from dllama.model.original_format import convert_original
-
+        try:
+            from dllama.model.original_format import convert_original
+        except ModuleNotFoundError as e:
+            if e.name != "dllama.model.original_format":
+                raise
+            raise DllamaError("this build cannot read Distributed Llama .m files") from None
         info = convert_original(src, args.output, args.type, args.tokenizer)
     else:
         if args.tokenizer:

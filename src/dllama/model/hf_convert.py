@@ -405,7 +405,7 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, target: 
     qtarget = TARGETS[target]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".partial")
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.partial")  # two converting processes never collide
     writer = GGUFWriter(str(tmp), h.arch)
     try:
         types = []
