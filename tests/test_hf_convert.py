@@ -465,10 +465,18 @@ def test_bad_inputs(tmp):
     edit_config(used, num_experts_per_tok=5)
     assert_one_line_error(run_cli(used, tmp / "x.gguf", "--type", "f16"), "num_experts_per_tok")
 
-    missing = copy_folder(src, tmp / "bad_experts")
-    edit_config(missing, num_local_experts=6)
+    count = copy_folder(src, tmp / "bad_count")
+    edit_config(count, num_local_experts=6)
+    assert_one_line_error(run_cli(count, tmp / "x.gguf", "--type", "q80"), "block_sparse_moe.gate.weight", "[6, 64]")
+
+    missing = copy_folder(src, tmp / "bad_missing")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(missing / "model.safetensors"))
+    del weights["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(weights, str(missing / "model.safetensors"), metadata={"format": "pt"})
     res = run_cli(missing, tmp / "x.gguf", "--type", "q80")
-    assert_one_line_error(res, "expert")
+    assert_one_line_error(res, "expert tensor model.layers.1.block_sparse_moe.experts.3.w2.weight is missing")
     assert not any(p.name.startswith("x.gguf") for p in tmp.iterdir())  # nothing half-written left behind
 
 
