@@ -550,3 +550,29 @@ def test_llama3_rope_factors(tmp):
     np.testing.assert_allclose(got, (plain / scaled).numpy(), rtol=1e-5)  # llama.cpp divides by the factor
     assert got.min() == pytest.approx(1.0) and got.max() == pytest.approx(8.0)
     assert gguf_fields(out)["llama.rope.freq_base"] == pytest.approx(500000.0)
+
+
+def test_qwen3moe_fused_expert_layout_gives_the_same_file(tmp):
+    """transformers can also store experts fused ([E, 2F, D] gate_up and [E, D, F] down): same GGUF tensors."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp / "qwen3moe"
+    if not (src / "config.json").is_file():
+        n = byte_level_tokenizer(src, QWEN2_SPLIT, bos=False)
+        make_model(src, "qwen3moe", n)
+    fused = copy_folder(src, tmp / "qwen3moe_fused")
+    w = load_file(str(fused / "model.safetensors"))
+    for i in range(2):
+        x = f"model.layers.{i}.mlp.experts."
+        gate = torch.stack([w.pop(f"{x}{e}.gate_proj.weight") for e in range(4)])
+        up = torch.stack([w.pop(f"{x}{e}.up_proj.weight") for e in range(4)])
+        w[x + "gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
+        w[x + "down_proj"] = torch.stack([w.pop(f"{x}{e}.down_proj.weight") for e in range(4)]).contiguous()
+    save_file(w, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    a, b = tmp / "out" / "moe-a.gguf", tmp / "out" / "moe-b.gguf"
+    convert_hf(src, a, "q80")
+    convert_hf(fused, b, "q80")
+    ra, rb = GGUFReader(str(a)), GGUFReader(str(b))
+    assert [t.name for t in ra.tensors] == [t.name for t in rb.tensors]
+    for ta, tb in zip(ra.tensors, rb.tensors, strict=True):
+        assert ta.tensor_type == tb.tensor_type and np.array_equal(np.array(ta.data), np.array(tb.data)), ta.name

@@ -260,8 +260,8 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 class Planned:
     name: str
     shape: tuple[int, ...]  # numpy order (rows last-but-one, row length last)
-    load: Callable[[], np.ndarray]
-    sources: tuple[str, ...]
+    load: Callable[[], np.ndarray] | None  # the whole tensor, or
+    parts: tuple[Callable[[], np.ndarray], ...] = ()  # experts encoded one at a time, then stacked
 
 
 def _plan(h: Hyper, ck: Checkpoint, folder: Path) -> list[Planned]:
@@ -295,7 +295,7 @@ def _plan(h: Hyper, ck: Checkpoint, folder: Path) -> list[Planned]:
             x = ck.load(hf)
             return permute(x, perm_heads) if perm_heads else x
 
-        out.append(Planned(gguf_name(hf), shape, load, (hf,)))
+        out.append(Planned(gguf_name(hf), shape, load))
 
     def stacked(gg: str, parts: list[str], shape: tuple[int, ...]) -> None:
         for p in parts:
@@ -303,14 +303,13 @@ def _plan(h: Hyper, ck: Checkpoint, folder: Path) -> list[Planned]:
                 raise DllamaError(f"{folder}: expert tensor {p} is missing from the safetensors files")
             check(p, shape)
             used.add(p)
-        out.append(Planned(gg, (len(parts), *shape), lambda parts=parts: np.stack([ck.load(p) for p in parts]),
-                           tuple(parts)))
+        out.append(Planned(gg, (len(parts), *shape), None, tuple(lambda p=p: ck.load(p) for p in parts)))
 
     D, hd, V = h.dim, h.head_dim, h.vocab
     permuted = h.arch == "llama"
     simple("model.embed_tokens.weight", (V, D))
     if (factors := _llama3_rope_factors(h)) is not None:
-        out.append(Planned("rope_freqs.weight", factors.shape, lambda f=factors: f, ()))
+        out.append(Planned("rope_freqs.weight", factors.shape, lambda f=factors: f))
     bias = h.arch == "qwen2" or bool(h.hp.get("attention_bias"))
     for i in range(h.n_layer):
         p = f"model.layers.{i}."
@@ -342,15 +341,15 @@ def _plan(h: Hyper, ck: Checkpoint, folder: Path) -> list[Planned]:
                 check(fused, (E, 2 * F, D))
                 used.add(fused)
                 out.append(Planned(f"blk.{i}.ffn_gate_exps.weight", (E, F, D),
-                                   lambda n=fused, F=F: ck.load(n)[:, :F, :], (fused,)))
+                                   lambda n=fused, F=F: ck.load(n)[:, :F, :]))
                 out.append(Planned(f"blk.{i}.ffn_up_exps.weight", (E, F, D),
-                                   lambda n=fused, F=F: ck.load(n)[:, F:, :], (fused,)))
+                                   lambda n=fused, F=F: ck.load(n)[:, F:, :]))
                 down = p + "mlp.experts.down_proj"
                 if down not in names:
                     raise DllamaError(f"{folder}: expert tensor {down} is missing from the safetensors files")
                 check(down, (E, D, F))
                 used.add(down)
-                out.append(Planned(f"blk.{i}.ffn_down_exps.weight", (E, D, F), lambda n=down: ck.load(n), (down,)))
+                out.append(Planned(f"blk.{i}.ffn_down_exps.weight", (E, D, F), lambda n=down: ck.load(n)))
             else:
                 x = p + "mlp.experts.{}.{}.weight"
                 for w, gg, shape in (("gate_proj", "ffn_gate_exps", (F, D)), ("up_proj", "ffn_up_exps", (F, D)),
@@ -423,10 +422,11 @@ def convert_hf(src_dir: str | os.PathLike, out_path: str | os.PathLike, target: 
         writer.write_ti_data_to_file()
         for t, qt in tqdm(list(zip(plan, types, strict=True)), desc=f"converting to {target}", unit="tensor",
                           file=sys.stderr):
-            data = t.load()
-            if data.shape != t.shape:  # a safety net: the plan checked every source shape already
+            # one f32 expert at a time: a merged expert tensor is held only in its (smaller) output type
+            data = np.stack([_encode(part(), qt) for part in t.parts]) if t.parts else _encode(t.load(), qt)
+            if data.shape != _info(t.shape, qt)[0]:  # a safety net: the plan checked every source shape
                 raise DllamaError(f"tensor {t.name}: built shape {data.shape}, expected {t.shape}")
-            writer.write_tensor_data(_encode(data, qt))
+            writer.write_tensor_data(data)
         writer.close()
         os.replace(tmp, out_path)
     except BaseException:
