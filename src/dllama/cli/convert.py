@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("input", help="source: GGUF file, Hugging Face model folder, or .m file")
     p.add_argument("output", help="GGUF file to write")
     p.add_argument("--type", required=True, choices=sorted(TARGETS), help="weight type of the matrices")
-    p.add_argument("--tokenizer", help="tokenizer (.t) of a Distributed Llama .m model")
+    p.add_argument("--tokenizer", help="tokenizer (.t) of a Distributed Llama .m model (written into the GGUF)")
     p.set_defaults(run=run)
 
 
@@ -32,15 +32,9 @@ def run(args) -> int:
 
         info = convert_hf(src, args.output, args.type)
     elif src.endswith(".m"):
-        if not args.tokenizer:
-            raise DllamaError("converting a .m model needs its tokenizer: --tokenizer FILE.t")
-        try:
-            from dllama.model.original_format import convert_original
-        except ModuleNotFoundError as e:
-            if e.name != "dllama.model.original_format":
-                raise
-            raise DllamaError("this build cannot read Distributed Llama .m files") from None
-        info = convert_original(src, args.output, args.type, args.tokenizer)
+        from dllama.model.original_format import convert_original
+
+        info = convert_original(src, args.output, args.type, args.tokenizer, progress=True)
     else:
         if args.tokenizer:
             raise DllamaError("--tokenizer only applies to a .m model")
