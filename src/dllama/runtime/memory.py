@@ -119,10 +119,11 @@ def check_fits(need: NodeMemory, who: str) -> None:
                           "available (more nodes, a smaller --max-seq-len or a smaller weight type would fit)")  # fmt: skip
 
 
-def cap_seq_len(requested: int, bytes_per_pos: int, fraction: float = 0.6) -> tuple[int, str | None]:
-    """Largest max_seq <= requested whose KV cache fits in `fraction` of available memory."""
+def cap_seq_len(requested: int, bytes_per_pos: int, reserve: int = 0, fraction: float = 0.6) -> tuple[int, str | None]:
+    """Largest max_seq <= requested whose KV cache fits in `fraction` of available memory and beside `reserve`
+    (the node's weights and runtime) in 90 % of it."""
     avail = available_bytes()
-    limit = int(avail * fraction) // max(bytes_per_pos, 1)
+    limit = int(max(0, min(avail * fraction, avail * 0.9 - reserve))) // max(bytes_per_pos, 1)
     if requested <= limit:
         return requested, None
     capped = max(256, limit // 256 * 256)

@@ -19,7 +19,14 @@ from dllama.net import messages as M
 from dllama.runtime.cluster import Cluster
 from dllama.runtime.cluster.local import LocalCluster
 from dllama.runtime.cluster.tcp import Settings, TcpCluster
-from dllama.runtime.memory import NodeMemory, buffer_bytes, cap_seq_len, check_fits, kv_cache_bytes
+from dllama.runtime.memory import (
+    RUNTIME_BYTES,
+    NodeMemory,
+    buffer_bytes,
+    cap_seq_len,
+    check_fits,
+    kv_cache_bytes,
+)
 from dllama.runtime.stats import Step
 from dllama.split.plan import SplitPlan
 
@@ -51,7 +58,8 @@ class Root:
         if requested < 2:
             raise DllamaError("--max-seq-len must be >= 2")
         per_pos = max(kv_cache_bytes(cfg, n.n_kv_heads, 1) + 4 * cfg.head_dim for n in self.plan.nodes)  # + rope
-        self.max_seq, note = cap_seq_len(requested, per_pos)
+        reserve = max(self.plan.node_bytes(n, model) for n in self.plan.nodes) + RUNTIME_BYTES
+        self.max_seq, note = cap_seq_len(requested, per_pos, reserve)
         if note:
             self.log(note)
         self.max_batch = max(1, min(max_batch, self.max_seq))
