@@ -60,6 +60,20 @@ def cgroup_available() -> int | None:
     return best
 
 
+def kv_directory(storage: str, directory: str | None) -> str | None:
+    """Where the KV cache lives: None (RAM) or the directory of its memory-mapped file ("disk")."""
+    if storage == "ram":
+        return None
+    if storage != "disk":
+        raise DllamaError(f"unknown KV cache storage {storage!r} (ram or disk)")
+    import tempfile
+
+    d = directory or tempfile.gettempdir()
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise DllamaError(f"--kv-cache-dir {d}: not a writable directory")
+    return d
+
+
 def available_bytes() -> int:
     avail = None
     meminfo = _read("/proc/meminfo")

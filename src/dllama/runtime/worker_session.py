@@ -17,7 +17,7 @@ from dllama.net import messages as M
 from dllama.net import protocol as P
 from dllama.net.conn import Conn
 from dllama.net.mesh import Mesh
-from dllama.runtime.memory import NodeMemory, buffer_bytes, check_fits, kv_cache_bytes
+from dllama.runtime.memory import NodeMemory, buffer_bytes, check_fits, kv_cache_bytes, kv_directory
 from dllama.split.plan import Placement
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -121,13 +121,15 @@ class WorkerSession:
         plan, share = s.plan, s.share
         # refuse, with the numbers, before allocating anything: the slice's exact bytes come with SETUP
         weights = s.weight_bytes or sum(p.rows * p.cols for p in plan.placements(share))  # else ~1 byte a weight
-        check_fits(NodeMemory(weights, kv_cache_bytes(plan.cfg, share.n_kv_heads, s.max_seq),
+        kv_dir = kv_directory(s.kv_storage, self.server.kv_dir)
+        kv = 0 if kv_dir else kv_cache_bytes(plan.cfg, share.n_kv_heads, s.max_seq)
+        check_fits(NodeMemory(weights, kv,
                               buffer_bytes(plan.cfg, share.n_heads, share.n_kv_heads, share.hidden, share.vocab_rows,
                                            s.max_seq, s.max_batch, self.server.nthreads)),
                    f"worker node {s.index}")  # fmt: skip
         self.server.current_session = self  # peers may connect from now on
         engine = Engine(plan.cfg, share, max_seq=s.max_seq, max_batch=s.max_batch, nthreads=self.server.nthreads,
-                        sync=s.sync, check_residual=s.check_residual)  # fmt: skip
+                        sync=s.sync, check_residual=s.check_residual, kv_dir=kv_dir)  # fmt: skip
         self._load(engine, s)
         self.mesh = Mesh(s.index, self._mesh(s), DATA_TIMEOUT)
         engine.set_comm(self.mesh)

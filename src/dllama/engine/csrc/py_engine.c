@@ -53,15 +53,15 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"dim", "n_layers", "head_dim", "n_heads", "n_kv_heads", "hidden", "vocab", "max_seq",
                              "max_batch", "norm_eps", "rope_cos", "rope_sin", "nthreads", "x", "out", "logits",
                              "rope_neox", "qk_norm", "attn_bias", "n_experts", "n_active", "norm_topk", "sync",
-                             "check_residual", NULL};
+                             "check_residual", "kv_dir", NULL};
     engine_config c = {0};
     c.norm_topk = 1;
     PyObject *cos_o, *sin_o, *x_o, *out_o, *logits_o;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiiiifOOiOOO|pppiipip", kwlist, &c.dim, &c.n_layers, &c.head_dim,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiiiifOOiOOO|pppiipipz", kwlist, &c.dim, &c.n_layers, &c.head_dim,
                                      &c.n_heads, &c.n_kv_heads, &c.hidden, &c.vocab, &c.max_seq, &c.max_batch, &c.eps,
                                      &cos_o, &sin_o, &c.nthreads, &x_o, &out_o, &logits_o, &c.rope_neox, &c.qk_norm,
                                      &c.attn_bias, &c.n_experts, &c.n_active, &c.norm_topk, &c.sync,
-                                     &c.check_residual))
+                                     &c.check_residual, &c.kv_dir))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
@@ -96,7 +96,8 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
     logits = (float *)b->buf;
     self->e = engine_create(&c, cos_t, sin_t, x, out, logits);
     if (!self->e) {
-        PyErr_NoMemory();
+        if (c.kv_dir) PyErr_Format(PyExc_OSError, "cannot create the KV cache file in %s", c.kv_dir);
+        else PyErr_NoMemory();
         return -1;
     }
     self->max_batch = c.max_batch;
