@@ -119,3 +119,24 @@ def test_disk_kv_cache_file_is_gone_after_kill_9(default_model, tmp_path):
         if p.poll() is None:
             p.kill()
     assert os.listdir(tmp_path) == []
+
+
+def test_local_workers_die_with_a_killed_root():
+    p = subprocess.Popen([sys.executable, "-m", "dllama", "inference", "--prompt", "Once upon a time", "--steps",
+                          "100000", "--max-seq-len", "4096", "--local-workers", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert p.stdout.read(len("Once upon a time")) == "Once upon a time"
+        children = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+        assert len(children) == 2
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{c}") and
+                                                   open(f"/proc/{c}/stat").read().split()[2] != "Z" for c in children):  # fmt: skip
+            time.sleep(0.1)
+        alive = [c for c in children if os.path.exists(f"/proc/{c}") and open(f"/proc/{c}/stat").read().split()[2] != "Z"]
+        assert alive == [], f"orphaned local workers: {alive}"
+    finally:
+        if p.poll() is None:
+            p.kill()
