@@ -1,6 +1,7 @@
 """A cluster that goes wrong must say so, naming the node, within seconds: a stopped worker, a worker whose partial
 sums hold NaN, residual streams that drift apart; and the sync formats stay faithful (f16 next to f32 and q80)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -86,3 +87,56 @@ def test_f16_sync_is_close_to_f32(default_f32, workers):
     d = np.abs(got - ref).max()
     print(f"2 nodes, f16 sync on F32 weights: max |logit diff| {d:.4f}")
     assert d < 0.05 and got.argmax() == ref.argmax()
+
+
+def test_disk_kv_cache_gives_the_same_logits_and_leaves_no_file(default_model, workers, tmp_path):
+    m = GGUFModel(default_model)
+    ids = [1, 504, 3458, 282, 260, 2151, 30]
+    ram = [Root(m, nthreads=1, max_seq=512, **QUIET).forward(ids, 0).copy()]
+    (w,) = workers(1, extra=["--kv-cache-dir", str(tmp_path)])
+    with Root(m, nthreads=1, max_seq=512, kv_storage="disk", kv_dir=str(tmp_path), workers=[w.address],
+              secret="test-secret", sync="f32", **QUIET) as r:  # fmt: skip
+        disk = r.forward(ids, 0).copy()
+        mapped = [ln for ln in open("/proc/self/maps") if "dllama-kv" in ln]
+        assert mapped and all("(deleted)" in ln for ln in mapped)  # mapped, but already without a name
+        assert os.listdir(tmp_path) == []
+    with Root(m, nthreads=1, max_seq=512, workers=[w.address], secret="test-secret", sync="f32", **QUIET) as r:
+        np.testing.assert_allclose(disk, r.forward(ids, 0), atol=1e-5)  # the same split, in RAM
+    assert np.corrcoef(disk, ram[0])[0, 1] > 0.999
+
+
+def test_disk_kv_cache_file_is_gone_after_kill_9(default_model, tmp_path):
+    code = ("import sys, time; from dllama.model.gguf_model import GGUFModel; from dllama.runtime.root import Root; "
+            f"r = Root(GGUFModel({default_model!r}), max_seq=8192, kv_storage='disk', kv_dir={str(tmp_path)!r}, "
+            "log=lambda *a: None); r.forward([1, 2, 3], 0); print('ready', flush=True); time.sleep(60)")  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        assert os.listdir(tmp_path) == []  # unlinked as soon as it was mapped
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert os.listdir(tmp_path) == []
+
+
+def test_local_workers_die_with_a_killed_root():
+    p = subprocess.Popen([sys.executable, "-m", "dllama", "inference", "--prompt", "Once upon a time", "--steps",
+                          "100000", "--max-seq-len", "4096", "--local-workers", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert p.stdout.read(len("Once upon a time")) == "Once upon a time"
+        children = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+        assert len(children) == 2
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{c}") and
+                                                   open(f"/proc/{c}/stat").read().split()[2] != "Z" for c in children):  # fmt: skip
+            time.sleep(0.1)
+        alive = [c for c in children if os.path.exists(f"/proc/{c}") and open(f"/proc/{c}/stat").read().split()[2] != "Z"]
+        assert alive == [], f"orphaned local workers: {alive}"
+    finally:
+        if p.poll() is None:
+            p.kill()

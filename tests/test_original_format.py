@@ -97,7 +97,7 @@ def test_f32_logits_equal_the_source_f32_gguf_on_1_and_2_nodes(smol, default_f32
     ref = logits_per_position(Root(ref_model, nthreads=1, max_seq=64, **QUIET), ids)
     one = logits_per_position(Root(got_model, nthreads=1, max_seq=64, **QUIET), ids)
     (w,) = workers(1)
-    with Root(got_model, nthreads=1, max_seq=64, workers=[w.address], secret=w.secret, buffer_type="f32",
+    with Root(got_model, nthreads=1, max_seq=64, workers=[w.address], secret=w.secret, sync="f32",
               **QUIET) as r:  # fmt: skip
         two = logits_per_position(r, ids)
     print(
@@ -121,7 +121,7 @@ def test_synthetic_8kv_logits_on_1_and_2_nodes(tmp_path, workers):
     one = logits_per_position(Root(m, nthreads=1, max_seq=64, **QUIET), ids)
     (w,) = workers(1)
     with Root(
-        m, nthreads=1, max_seq=64, workers=[w.address], secret=w.secret, buffer_type="f32", **QUIET
+        m, nthreads=1, max_seq=64, workers=[w.address], secret=w.secret, sync="f32", **QUIET
     ) as r:
         two = logits_per_position(r, ids)
     print(f"tiny-8kv: 1 node max diff {np.abs(one - ref).max():.2e}, 2 nodes {np.abs(two - ref).max():.2e}")

@@ -309,6 +309,8 @@ class Setup(Message):
     local_weights: bool
     model_hash: bytes
     check_residual: bool = False  # debug: report a hash of the residual stream after every forward
+    weight_bytes: int = 0  # bytes of this node's slice (as the root will send or it will read them)
+    kv_storage: str = "ram"  # "disk": the KV cache in a memory-mapped file (the worker's --kv-cache-dir)
 
     @property
     def plan(self) -> SplitPlan:
@@ -324,7 +326,7 @@ class Setup(Message):
             "nodes": [[*n.kv_heads, *n.ffn, *n.vocab] for n in self.nodes], "index": self.index,
             "max_seq": self.max_seq, "max_batch": self.max_batch, "sync": self.sync, "peers": list(self.peers),
             "session_id": self.session_id.hex(), "local_weights": self.local_weights, "model_hash": self.model_hash.hex(),
-            "check_residual": self.check_residual,
+            "check_residual": self.check_residual, "weight_bytes": self.weight_bytes, "kv_storage": self.kv_storage,
         }  # fmt: skip
         return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -360,6 +362,8 @@ class Setup(Message):
                and all(isinstance(p, str) and len(p) < 300 for p in peers), "SETUP: bad peer list")  # fmt: skip
         _check(obj.get("sync") in ("q80", "f16", "f32"), "SETUP: bad sync format")
         _check(isinstance(obj.get("check_residual", False), bool), "SETUP: bad check_residual")
+        _check(_int(obj.get("weight_bytes", 0), 0, 1 << 48), "SETUP: bad weight_bytes")
+        _check(obj.get("kv_storage", "ram") in ("ram", "disk"), "SETUP: bad kv_storage")
         try:
             session_id = bytes.fromhex(str(obj.get("session_id")))
             model_hash = bytes.fromhex(str(obj.get("model_hash", "")))
@@ -369,7 +373,7 @@ class Setup(Message):
         _check(isinstance(obj.get("local_weights"), bool), "SETUP: bad local_weights")
         return cls(cfg, tuple(float(w) for w in weights), tuple(nodes), obj["index"], obj["max_seq"], obj["max_batch"],
                    obj["sync"], tuple(peers), session_id, obj["local_weights"], model_hash,
-                   obj.get("check_residual", False))  # fmt: skip
+                   obj.get("check_residual", False), obj.get("weight_bytes", 0), obj.get("kv_storage", "ram"))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
 
 from dllama.errors import DllamaError
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel sends SIGTERM when the root dies, even by kill -9 (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 class LocalWorkers:
@@ -25,6 +38,7 @@ class LocalWorkers:
                      "--nthreads", str(nthreads)],
                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True,
                     start_new_session=True,  # Ctrl-C in the terminal must not kill the workers
+                    preexec_fn=_die_with_parent,  # ... but the root's death must: no orphans
                 )  # fmt: skip
                 self.procs.append(p)
             deadline = time.monotonic() + timeout

@@ -48,7 +48,7 @@ class Runtime:
         path = resolve_model(cfg.model)
         t0 = time.perf_counter()
         model = GGUFModel(path)
-        self.tokenizer = Tokenizer.from_gguf(path, reader=model.reader)
+        self.tokenizer = Tokenizer.from_gguf(path)  # reads the vocabulary only when its cache is cold
         self.model_id = os.path.basename(path).removesuffix(".gguf")
         # local workers share this machine's cores: oversubscribing them costs ~30 %
         self.nthreads = cfg.nthreads or max(1, (os.cpu_count() or 1) // (1 + cfg.local_workers))

@@ -11,10 +11,13 @@
  *   weighted (MoE); x += sum over nodes of out
  * A single node (comm NULL) adds its own `out`: N = 1 is the same graph. */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* mkstemp, ftruncate */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "graph.h"
 
@@ -50,6 +53,8 @@ struct engine {
     int rbuf_nodes;
     float *acc;        /* [B][dim] sum of the partials in node order */
     uint64_t *residual; /* [2 * n_layers] hash of x after each sync step (check_residual) */
+    void *kv_map;      /* the KV cache's file mapping (kv_dir), else NULL */
+    size_t kv_map_bytes;
     pool *pool;
 };
 
@@ -80,7 +85,8 @@ void engine_destroy(engine *e) {
     for (int i = 0; i < e->n_owned; i++) free(e->owned[i]);
     free(e->owned);
     free(e->lt); free(e->xt);
-    free(e->kc); free(e->vc); free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb);
+    if (e->kv_map) munmap(e->kv_map, e->kv_map_bytes);
+    else { free(e->kc); free(e->vc); } free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb);
     free(e->xq); free(e->xs); free(e->xd); free(e->scratch);
     free(e->router); free(e->route_tok); free(e->route_w); free(e->route_n); free(e->xg); free(e->yg);
     free(e->sbuf); free(e->rbuf); free(e->acc); free(e->residual);
@@ -102,10 +108,35 @@ engine *engine_create(const engine_config *cfg, const float *cos_t, const float 
     if ((size_t)c->hidden > maxc) maxc = (size_t)c->hidden;
     e->lt = (tensor *)calloc((size_t)c->n_layers * N_LAYER_SLOTS, sizeof(tensor));
     e->xt = (tensor *)calloc((size_t)c->n_layers * 3 * (c->n_experts ? c->n_experts : 1), sizeof(tensor));
-    /* calloc'd KV cache: pages are only backed by memory once a position is written */
+    /* calloc'd KV cache: pages are only backed by memory once a position is written. On disk: a file created and
+     * unlinked at once (nothing is left behind, whatever way the process ends), mapped shared, so the kernel can
+     * write pages back and drop them instead of keeping them in RAM. */
     const size_t kv = (size_t)c->n_layers * kd * c->max_seq;
-    e->kc = (float *)calloc(kv ? kv : 1, 4);
-    e->vc = (float *)calloc(kv ? kv : 1, 4);
+    if (c->kv_dir) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/dllama-kv-XXXXXX", c->kv_dir);
+        const int fd = mkstemp(path);
+        if (fd >= 0) {
+            unlink(path);
+            e->kv_map_bytes = 2 * 4 * (kv ? kv : 1);
+            if (ftruncate(fd, (off_t)e->kv_map_bytes) == 0) {
+                void *m = mmap(NULL, e->kv_map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+                if (m != MAP_FAILED) {
+                    e->kv_map = m;
+                    e->kc = (float *)m;
+                    e->vc = (float *)m + (kv ? kv : 1);
+                }
+            }
+            close(fd);
+        }
+        if (!e->kv_map) {
+            engine_destroy(e);
+            return NULL;
+        }
+    } else {
+        e->kc = (float *)calloc(kv ? kv : 1, 4);
+        e->vc = (float *)calloc(kv ? kv : 1, 4);
+    }
     e->xb = (float *)calloc(B * c->dim, 4);
     e->q = (float *)calloc(B * (qd ? qd : 1), 4);
     e->k = (float *)calloc(B * (kd ? kd : 1), 4);

@@ -35,6 +35,7 @@ typedef struct {
     int n_experts, n_active, norm_topk;
     int sync; /* SYNC_Q80 / SYNC_F32 / SYNC_F16 */
     int check_residual; /* keep a hash of the residual stream after every block (debug: nodes must agree) */
+    const char *kv_dir;  /* non-NULL: the KV cache lives in a memory-mapped file in this directory (unlinked at once) */
 } engine_config;
 
 typedef struct engine engine;

@@ -53,15 +53,15 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"dim", "n_layers", "head_dim", "n_heads", "n_kv_heads", "hidden", "vocab", "max_seq",
                              "max_batch", "norm_eps", "rope_cos", "rope_sin", "nthreads", "x", "out", "logits",
                              "rope_neox", "qk_norm", "attn_bias", "n_experts", "n_active", "norm_topk", "sync",
-                             "check_residual", NULL};
+                             "check_residual", "kv_dir", NULL};
     engine_config c = {0};
     c.norm_topk = 1;
     PyObject *cos_o, *sin_o, *x_o, *out_o, *logits_o;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiiiifOOiOOO|pppiipip", kwlist, &c.dim, &c.n_layers, &c.head_dim,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiiiifOOiOOO|pppiipipz", kwlist, &c.dim, &c.n_layers, &c.head_dim,
                                      &c.n_heads, &c.n_kv_heads, &c.hidden, &c.vocab, &c.max_seq, &c.max_batch, &c.eps,
                                      &cos_o, &sin_o, &c.nthreads, &x_o, &out_o, &logits_o, &c.rope_neox, &c.qk_norm,
                                      &c.attn_bias, &c.n_experts, &c.n_active, &c.norm_topk, &c.sync,
-                                     &c.check_residual))
+                                     &c.check_residual, &c.kv_dir))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
@@ -96,7 +96,8 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
     logits = (float *)b->buf;
     self->e = engine_create(&c, cos_t, sin_t, x, out, logits);
     if (!self->e) {
-        PyErr_NoMemory();
+        if (c.kv_dir) PyErr_Format(PyExc_OSError, "cannot create the KV cache file in %s", c.kv_dir);
+        else PyErr_NoMemory();
         return -1;
     }
     self->max_batch = c.max_batch;
@@ -145,7 +146,7 @@ static PyObject *Engine_set_tensor(Engine *self, PyObject *args) {
         return NULL;
     }
     if (rc == -3) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return PyBool_FromLong(uses_source);
 }
 
 static PyObject *Engine_check(Engine *self, PyObject *noargs) {
@@ -219,7 +220,8 @@ static PyMethodDef Engine_methods[] = {
     {"residual_hashes", (PyCFunction)Engine_residual_hashes, METH_NOARGS,
      "bytes: u64 hash of the residual stream after each sync step of the last forward (check_residual), or None"},
     {"set_tensor", (PyCFunction)Engine_set_tensor, METH_VARARGS,
-     "set_tensor(layer, slot, expert, buffer, offset, type, rows, cols, row_stride); layer -1: global slots"},
+     "set_tensor(layer, slot, expert, buffer, offset, type, rows, cols, row_stride) -> reads the buffer in place; "
+     "layer -1: global slots"},
     {"check", (PyCFunction)Engine_check, METH_NOARGS, "raise ValueError unless every tensor the graph reads is set"},
     {"set_comm", (PyCFunction)Engine_set_comm, METH_O, "set_comm(obj with a dllama.comm capsule, or None)"},
     {"forward", (PyCFunction)Engine_forward, METH_VARARGS, "forward(pos, T): every layer; CommError on a peer failure"},

@@ -38,6 +38,8 @@ class Settings:
     sync: str
     secret: str | None
     check_residual: bool = False
+    weight_bytes: tuple[int, ...] = ()  # exact bytes of each node's slice, so a worker can refuse before allocating
+    kv_storage: str = "ram"
 
 
 class TcpCluster:
@@ -188,7 +190,8 @@ def _setup(conns: list[Conn], hashes: list[bytes], plan: SplitPlan, model: GGUFM
     for i, conn in enumerate(conns, 1):
         local = hashes[i - 1] == model_hash != zero
         setup = M.Setup(plan.cfg, plan.weights, plan.nodes, i, s.max_seq, s.max_batch, s.sync, peers, session_id,
-                        local, model_hash, s.check_residual)  # fmt: skip
+                        local, model_hash, s.check_residual, s.weight_bytes[i] if s.weight_bytes else 0,
+                        s.kv_storage)  # fmt: skip
         raw = setup.encode()
         conn.sendall(P.header(M.SETUP, len(raw)) + raw)
         sent.append((hashlib.sha256(raw).digest(), local))
@@ -224,6 +227,7 @@ def _ship_weights(targets: list[tuple[Conn, int]], plan: SplitPlan, model: GGUFM
                 head = M.TensorHead(p.layer, slot_of(p), p.expert, v.type, v.rows, v.cols).encode()
                 conn.sendall(P.header(M.TENSOR, len(head) + v.nbytes) + head)
                 conn.sendall(v.contiguous())
+                model.release(v)  # the root holds none of a worker's slice
                 with lock:
                     bar.update(v.nbytes)
         except (DllamaError, OSError) as e:
