@@ -1,9 +1,12 @@
 """Tokenizer rebuilt from a GGUF file's metadata.
 
 A GGUF carries no `tokenizer.json`, only llama.cpp's vocabulary keys. transformers knows how to turn
-those into a fast `tokenizers.Tokenizer` (and its `AutoTokenizer(gguf_file=...)` is our reference), but
-importing transformers and converting costs seconds, so the converted tokenizer and the few facts we
-need are cached as one JSON file; a cache hit only touches `tokenizers`.
+those into a fast `tokenizers.Tokenizer`, but its converter ignores `tokenizer.ggml.pre`, the name of the
+pre-tokenizer (how text is cut into words before BPE): SmolLM2's "smollm" splits every digit apart, for
+one. So for byte-level BPE vocabularies we replace the converted pre-tokenizer with llama.cpp's regexes
+for that name, and llama.cpp is the reference for the ids. Importing transformers and converting costs
+seconds, so the converted tokenizer and the few facts we need are cached as one JSON file; a cache hit
+only touches `tokenizers`.
 """
 
 from __future__ import annotations
@@ -21,12 +24,94 @@ from tokenizers import Tokenizer as _Backend
 
 __all__ = ["Tokenizer", "StreamDecoder", "cache_path"]
 
-_FORMAT_VERSION = 1  # bump whenever the conversion or the cached facts change
+_FORMAT_VERSION = 2  # bump whenever the conversion or the cached facts change
 _CONTROL = 3  # llama.cpp token_type for control tokens
 _STOP_NAMES = frozenset(
     {"<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>", "<|eom_id|>"}
 )
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+# llama.cpp's BPE pre-tokenizers (src/llama-vocab.cpp, llm_tokenizer_bpe), as regex lists applied in turn:
+# each regex cuts every piece left by the previous ones into its matches and the text between them, which
+# is what `tokenizers`' Split(behavior="isolated") does. The regexes are llama.cpp's own spelling (its
+# rewrites of (?i:...) and of \p{Lu}-style classes included), so Oniguruma matches what llama.cpp matches.
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_RE = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_RE = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_RE = (
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DEEPSEEK_LLM = [
+    "[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-퟿]+",
+    "\\p{N}+",
+]
+_PRE_TYPES: list[tuple[tuple[str, ...], list[str], bool]] = [  # (names, regexes, ignore_merges)
+    (("default",), [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", "[0-9][0-9][0-9]"], False),
+    (
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+        [_LLAMA3_RE],
+        True,
+    ),
+    (("dbrx", "smaug-bpe", "chatglm-bpe"), [_LLAMA3_RE], False),
+    (("glm4",), [_LLAMA3_RE], True),
+    (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan"), [_QWEN2_RE], False),
+    (
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+        [r"\p{N}", _GPT2_RE],
+        False,
+    ),
+    (
+        (
+            "gpt-2",
+            "phi-2",
+            "jina-es",
+            "jina-de",
+            "gigachat",
+            "jina-v2-es",
+            "jina-v2-de",
+            "mpt",
+            "olmo",
+            "jais",
+            "exaone4",
+            "roberta-bpe",
+            "jina-v1-en",
+            "jina-v2-code",
+            "trillion",
+            "granite-docling",
+            "mellum",
+        ),
+        [_GPT2_RE],
+        False,
+    ),
+    (("tekken",), [_TEKKEN_RE], True),
+    (("deepseek-llm",), _DEEPSEEK_LLM, False),
+]
+_PRE_BY_NAME = {name: (regexes, ignore) for names, regexes, ignore in _PRE_TYPES for name in names}
+
+
+def llamacpp_pre_tokenizer(pre: str | None) -> tuple[dict, bool] | None:
+    """(`tokenizers` pre-tokenizer JSON, ignore_merges) for a byte-level BPE vocabulary whose
+    `tokenizer.ggml.pre` is `pre`, as llama.cpp pre-tokenizes it; None for a name we do not know."""
+    found = _PRE_BY_NAME.get(pre or "default")  # llama.cpp uses "default" when the key is missing
+    if found is None:
+        return None
+    regexes, ignore_merges = found
+    steps = [
+        {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False} for r in regexes
+    ]
+    steps.append({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False})
+    return {"type": "Sequence", "pretokenizers": steps}, ignore_merges
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -83,6 +168,7 @@ def _read_facts(reader: Any) -> dict:
         add_bos = False
     return {
         "model": model,
+        "pre": get("tokenizer.ggml.pre"),
         "vocab_size": n,
         "bos_id": bos,
         "eos_id": eos,
@@ -114,8 +200,11 @@ def _gguf_tokenizer(reader: Any) -> tuple[str, dict, dict]:
     return reader.fields["general.architecture"].contents(), tokenizer, config
 
 
-def _convert(path: str, vocab_size: int, reader: Any = None) -> str:
-    """`tokenizer.json` text of the fast tokenizer transformers builds for this GGUF."""
+def _convert(
+    path: str, vocab_size: int, reader: Any = None, pre_tokenizer: tuple[dict, bool] | None = None
+) -> str:
+    """`tokenizer.json` text of the fast tokenizer transformers builds for this GGUF, with `pre_tokenizer`
+    (from `llamacpp_pre_tokenizer`) in place of transformers' one if given."""
     try:
         from transformers.integrations.gguf import (
             convert_gguf_tokenizer,
@@ -150,6 +239,8 @@ def _convert(path: str, vocab_size: int, reader: Any = None) -> str:
     # when the file's vocab lacks them, giving ids past the embedding table; such text must stay text.
     data = json.loads(backend.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab_size]
+    if pre_tokenizer is not None and data["model"].get("type") == "BPE":
+        data["pre_tokenizer"], data["model"]["ignore_merges"] = pre_tokenizer
     return json.dumps(data, ensure_ascii=False)
 
 
@@ -200,7 +291,10 @@ class Tokenizer:
 
             reader = gguf.GGUFReader(path)
         facts = _read_facts(reader)
-        tokenizer_json = _convert(path, facts["vocab_size"], reader)
+        pre = None
+        if facts["model"] == "gpt2":  # byte-level BPE: the only kind with a llama.cpp pre-tokenizer regex
+            pre = llamacpp_pre_tokenizer(facts["pre"])
+        tokenizer_json = _convert(path, facts["vocab_size"], reader, pre)
         try:
             _write_atomic(
                 cache, json.dumps({"version": _FORMAT_VERSION, "facts": facts, "tokenizer": tokenizer_json})
