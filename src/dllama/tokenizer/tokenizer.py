@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,7 @@ class Tokenizer:
         self.chat_template: str | None = facts["chat_template"]
         self._added_ids: frozenset[int] | None = None
         self._byte_dec: dict[str, int] | None = None
+        self._plain_backend: _Backend | None = None
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, *, reader: Any = None) -> Tokenizer:
@@ -311,6 +313,97 @@ class Tokenizer:
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with special tokens written in it kept as ordinary text (llama.cpp's
+        `tokenize(special=False)`): for untrusted text such as a chat message. No BOS."""
+        return self._plain().encode(text, add_special_tokens=False).ids
+
+    def _plain(self) -> _Backend:
+        # A copy of the backend without its special added tokens (user-defined ones stay: llama.cpp parses
+        # those even with special=False). `tokenizers` has no per-call switch to skip added-token matching.
+        if self._plain_backend is None:
+            data = json.loads(self._backend.to_str())
+            data["added_tokens"] = [t for t in data["added_tokens"] if not t["special"]]
+            self._plain_backend = _Backend.from_str(json.dumps(data))
+        return self._plain_backend
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
+    ) -> list[int]:
+        """Token ids of the rendered conversation where only the template's own text can produce special
+        tokens: `<|im_end|>` typed in a message stays text, so a user cannot forge turns.
+
+        The template is rendered with each message's text replaced by a random sentinel, which locates the
+        message text in the real rendering. Special tokens are matched in the template's text only; each run
+        of text between them (template text and message text together, as a plain encode would see it) is
+        encoded without special-token parsing. So a conversation without special-token text in its messages
+        gets exactly the ids of `encode(apply_chat_template(...))`. BOS as in `encode`.
+        """
+        from .chat_template import _plain as plain_data
+
+        msgs = plain_data(list(messages))
+        tag = secrets.token_hex(16)
+        contents: list[str] = []
+
+        def sentinel(text: str) -> str:
+            contents.append(text)
+            return f"\ue000{tag}:{len(contents) - 1}\ue001"
+
+        for m in msgs:
+            if not isinstance(m, dict):
+                continue
+            c = m.get("content")
+            if isinstance(c, str):
+                m["content"] = sentinel(c)
+            elif isinstance(c, list):  # OpenAI-style content parts
+                for part in c:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        part["text"] = sentinel(part["text"])
+        marked = self.apply_chat_template(msgs, add_generation_prompt, **extra)
+        # pieces alternate: template text, message index, template text, ...
+        pieces = re.split(f"\ue000{tag}:(\\d+)\ue001", marked)
+        scaffold, which = pieces[0::2], [int(i) for i in pieces[1::2]]
+        if any(tag in p.lower() for p in scaffold):  # e.g. `| upper` on the content: we cannot find it
+            raise ValueError("chat template alters message text beyond recognition; cannot encode it safely")
+        # Templates may transform the text (e.g. `| trim`): use the form the real rendering contains.
+        real = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        for fix in (lambda t: t, str.strip):
+            texts = [fix(contents[i]) for i in which]
+            if "".join(x for pair in zip(scaffold, texts + [""], strict=True) for x in pair) == real:
+                break
+        else:  # an unusual transformation: keep the message text as given (still safe)
+            texts = [contents[i] for i in which]
+
+        special = self._special_added_ids()
+        ids: list[int] = []
+        run: list[str] = []  # text since the last special token
+
+        def flush() -> None:
+            if run:
+                ids.extend(self._plain().encode("".join(run), add_special_tokens=False).ids)
+                run.clear()
+
+        for k, piece in enumerate(scaffold):
+            if piece:
+                enc = self._backend.encode(piece, add_special_tokens=False)
+                pos = 0
+                for tid, (start, end) in zip(enc.ids, enc.offsets, strict=True):
+                    if tid in special:
+                        run.append(piece[pos:start])
+                        flush()
+                        ids.append(tid)
+                        pos = end
+                run.append(piece[pos:])
+            if k < len(texts):
+                run.append(texts[k])
+        flush()
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def _special_added_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
