@@ -275,7 +275,7 @@ class Tokenizer:
         self.chat_template: str | None = facts["chat_template"]
         self._added_ids: frozenset[int] | None = None
         self._byte_dec: dict[str, int] | None = None
-        self._plain_backend: _Backend | None = None
+        self._plain_backends: tuple[_Backend, _Backend] | None = None
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, *, reader: Any = None) -> Tokenizer:
@@ -317,16 +317,36 @@ class Tokenizer:
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of `text` with special tokens written in it kept as ordinary text (llama.cpp's
         `tokenize(special=False)`): for untrusted text such as a chat message. No BOS."""
-        return self._plain().encode(text, add_special_tokens=False).ids
+        return self._plain(True).encode(text, add_special_tokens=False).ids
 
-    def _plain(self) -> _Backend:
-        # A copy of the backend without its special added tokens (user-defined ones stay: llama.cpp parses
-        # those even with special=False). `tokenizers` has no per-call switch to skip added-token matching.
-        if self._plain_backend is None:
+    def _plain(self, first: bool) -> _Backend:
+        """A copy of the backend without its special added tokens (user-defined ones stay: llama.cpp parses
+        those even with special=False); `tokenizers` has no per-call switch to skip added-token matching.
+        `first=False` gives the variant for text that does not start the input: a sentencepiece Metaspace
+        with prepend_scheme "first" adds its "▁" only there."""
+        if self._plain_backends is None:
             data = json.loads(self._backend.to_str())
             data["added_tokens"] = [t for t in data["added_tokens"] if not t["special"]]
-            self._plain_backend = _Backend.from_str(json.dumps(data))
-        return self._plain_backend
+            first_json = json.dumps(data)
+
+            def never(node):
+                if isinstance(node, dict):
+                    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                        node["prepend_scheme"] = "never"
+                    for v in node.values():
+                        never(v)
+                elif isinstance(node, list):
+                    for v in node:
+                        never(v)
+
+            never(data["pre_tokenizer"])
+            later_json = json.dumps(data)
+            first_b = _Backend.from_str(first_json)
+            self._plain_backends = (
+                first_b,
+                first_b if later_json == first_json else _Backend.from_str(later_json),
+            )
+        return self._plain_backends[0 if first else 1]
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
@@ -380,9 +400,10 @@ class Tokenizer:
         run: list[str] = []  # text since the last special token
 
         def flush() -> None:
-            if run:
-                ids.extend(self._plain().encode("".join(run), add_special_tokens=False).ids)
-                run.clear()
+            text = "".join(run)
+            if text:
+                ids.extend(self._plain(not ids).encode(text, add_special_tokens=False).ids)
+            run.clear()
 
         for k, piece in enumerate(scaffold):
             if piece:
