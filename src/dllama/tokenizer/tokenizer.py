@@ -25,7 +25,7 @@ from tokenizers import Tokenizer as _Backend
 
 __all__ = ["Tokenizer", "StreamDecoder", "cache_path"]
 
-_FORMAT_VERSION = 2  # bump whenever the conversion or the cached facts change
+_FORMAT_VERSION = 3  # bump whenever the conversion or the cached facts change
 _CONTROL = 3  # llama.cpp token_type for control tokens
 _STOP_NAMES = frozenset(
     {"<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>", "<|eom_id|>"}
@@ -163,6 +163,7 @@ def _read_facts(reader: Any) -> dict:
     bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
     stops = {i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
     stops.update(i for i, t in enumerate(tokens) if t in _STOP_NAMES)
+    stops.update(int(i) for i in get("tokenizer.ggml.eos_token_ids") or [] if 0 <= int(i) < n)  # every end id
     add_bos = get("tokenizer.ggml.add_bos_token")
     if add_bos is None:  # llama.cpp adds BOS to a sentencepiece vocab that does not say otherwise
         add_bos = model == "llama"
