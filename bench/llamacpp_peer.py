@@ -22,8 +22,41 @@ import time
 
 # The version built and checked on this project's machines (0.3.x API: Llama(flash_attn=...), .eval, .reset).
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-# Native code for this CPU (AVX-512/VNNI here), OpenMP threads; no curl (no network for model downloads).
-CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release"
+# Native code for this CPU (AVX-512/VNNI here) but without AMX: the Intel VMs here report AMX in CPUID
+# without the kernel granting it, so a GGML_NATIVE=ON build dies with SIGILL in its AMX path.
+# OpenMP threads; no curl (no network for model downloads).
+_ARCH = "-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+CMAKE_ARGS = (
+    f"-DGGML_NATIVE=OFF -DCMAKE_C_FLAGS='{_ARCH}' -DCMAKE_CXX_FLAGS='{_ARCH}' "
+    "-DGGML_OPENMP=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release"
+)
+
+# Run in a fresh interpreter: a bad build kills its process (SIGILL), not ours.
+_SELF_CHECK = r"""
+import math, os, sys, tempfile
+import llama_cpp
+from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+with tempfile.TemporaryDirectory() as d:
+    path = write_synthetic_gguf(os.path.join(d, "check.gguf"), **SHAPES["tiny"], weight_type="q4_0", seed=1)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=1, verbose=False)
+    llm.eval([256, 72])  # BOS, "H": two tokens through every matmul/attention kernel
+    logits = llm.eval_logits[-1]
+    assert len(logits) == 512 and all(math.isfinite(x) for x in logits), "non-finite logits"
+    llm.close()
+print("ok", llama_cpp.__version__)
+"""
+_checked = False
+
+
+def _self_check() -> str | None:
+    """None if llama_cpp imports and evaluates 2 tokens of a tiny synthetic model, else why not."""
+    r = subprocess.run(
+        [sys.executable, "-c", _SELF_CHECK], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("ok "):
+        return None
+    how = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit {r.returncode}"
+    return f"{how}: {r.stdout[-2000:]}"
 
 
 def _log(msg: str) -> None:
@@ -34,12 +67,28 @@ def ensure_llama_cpp(install: bool = True):
     """Return the `llama_cpp` module, building llama-cpp-python from source with pip if it is missing.
 
     The build compiles llama.cpp for this CPU: it runs under `nice -n 19` so other work keeps the cores.
+    Before returning, a subprocess checks the build really runs (a tiny synthetic model, 2 tokens); a
+    build that imports but crashes (e.g. an old AMX-enabled one) is rebuilt once when `install` is set.
     """
+    global _checked
     try:
-        return importlib.import_module("llama_cpp")
+        mod = importlib.import_module("llama_cpp")
     except ImportError:
         if not install:
             raise
+        mod = None
+    broken = False
+    if mod is not None and not _checked:
+        why = _self_check()
+        if why is None:
+            _checked = True
+        elif not install:
+            raise RuntimeError(f"llama_cpp is installed but does not run ({why})")
+        else:
+            _log(f"the installed llama_cpp does not run ({why.splitlines()[0]}); rebuilding it")
+            mod, broken = None, True
+    if mod is not None:
+        return mod
     env = dict(
         os.environ,
         CMAKE_ARGS=CMAKE_ARGS,
@@ -57,6 +106,8 @@ def ensure_llama_cpp(install: bool = True):
         "--no-cache-dir",
         f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
     ]
+    if broken:  # rebuild only llama-cpp-python, leave its (working) dependencies alone
+        cmd[-1:-1] = ["--force-reinstall", "--no-deps"]
     _log(
         f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} from source (several minutes): {' '.join(cmd)}"
     )
@@ -65,6 +116,10 @@ def ensure_llama_cpp(install: bool = True):
     if r.returncode != 0:
         raise RuntimeError(f"pip install llama-cpp-python failed:\n{r.stdout[-4000:]}")
     _log(f"built in {time.perf_counter() - t:.0f} s")
+    why = _self_check()
+    if why is not None:
+        raise RuntimeError(f"the freshly built llama_cpp does not run ({why})")
+    _checked = True
     importlib.invalidate_caches()
     return importlib.import_module("llama_cpp")
 

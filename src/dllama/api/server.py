@@ -101,11 +101,12 @@ class ServedModel:
         req = parse_chat(parse_json(raw), defaults)
         if req.chars > self.max_chars():
             raise self._too_long(None, "messages")
-        try:
-            prompt = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True)
+        try:  # message text is tokenized as text: typed special tokens cannot forge turns
+            ids = self.tokenizer.encode_chat(req.messages, add_generation_prompt=True)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return req, self._encode(prompt, "messages")
+        self._check_length(ids, "messages")
+        return req, ids
 
     def prepare_completion(self, raw: bytes, defaults: Defaults) -> tuple[CompletionRequest, list[int], str]:
         req = parse_completion(parse_json(raw), defaults, self.vocab_size)

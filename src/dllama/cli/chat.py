@@ -57,8 +57,8 @@ class Chat:
         """The conversation rendered and tokenized; drops the oldest turns while it does not fit."""
         dropped = 0
         while True:
-            text = self.tok.apply_chat_template(self.system + self.history, add_generation_prompt=True)
-            ids = self.tok.encode(text)
+            # message text is tokenized as text: typed special tokens cannot forge turns
+            ids = self.tok.encode_chat(self.system + self.history, add_generation_prompt=True)
             if len(ids) + self.reserve <= self.session.max_seq or len(self.history) == 1:
                 break
             del self.history[:2]  # the oldest user message and its answer; the system prompt stays

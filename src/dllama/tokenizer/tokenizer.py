@@ -1,9 +1,12 @@
 """Tokenizer rebuilt from a GGUF file's metadata.
 
 A GGUF carries no `tokenizer.json`, only llama.cpp's vocabulary keys. transformers knows how to turn
-those into a fast `tokenizers.Tokenizer` (and its `AutoTokenizer(gguf_file=...)` is our reference), but
-importing transformers and converting costs seconds, so the converted tokenizer and the few facts we
-need are cached as one JSON file; a cache hit only touches `tokenizers`.
+those into a fast `tokenizers.Tokenizer`, but its converter ignores `tokenizer.ggml.pre`, the name of the
+pre-tokenizer (how text is cut into words before BPE): SmolLM2's "smollm" splits every digit apart, for
+one. So for byte-level BPE vocabularies we replace the converted pre-tokenizer with llama.cpp's regexes
+for that name, and llama.cpp is the reference for the ids. Importing transformers and converting costs
+seconds, so the converted tokenizer and the few facts we need are cached as one JSON file; a cache hit
+only touches `tokenizers`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,12 +25,95 @@ from tokenizers import Tokenizer as _Backend
 
 __all__ = ["Tokenizer", "StreamDecoder", "cache_path"]
 
-_FORMAT_VERSION = 1  # bump whenever the conversion or the cached facts change
+_FORMAT_VERSION = 3  # bump whenever the conversion or the cached facts change
 _CONTROL = 3  # llama.cpp token_type for control tokens
 _STOP_NAMES = frozenset(
     {"<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>", "<|eom_id|>"}
 )
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+# llama.cpp's BPE pre-tokenizers (src/llama-vocab.cpp, llm_tokenizer_bpe), as regex lists applied in turn:
+# each regex cuts every piece left by the previous ones into its matches and the text between them, which
+# is what `tokenizers`' Split(behavior="isolated") does. The regexes are llama.cpp's own spelling (its
+# rewrites of (?i:...) and of \p{Lu}-style classes included), so Oniguruma matches what llama.cpp matches.
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_RE = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_RE = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_RE = (
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DEEPSEEK_LLM = [
+    "[\r\n]",
+    # (escaped: code points that editors normalize to NFC)
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-퟿]+",
+    "\\p{N}+",
+]
+_PRE_TYPES: list[tuple[tuple[str, ...], list[str], bool]] = [  # (names, regexes, ignore_merges)
+    (("default",), [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", "[0-9][0-9][0-9]"], False),
+    (
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+        [_LLAMA3_RE],
+        True,
+    ),
+    (("dbrx", "smaug-bpe", "chatglm-bpe"), [_LLAMA3_RE], False),
+    (("glm4",), [_LLAMA3_RE], True),
+    (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan"), [_QWEN2_RE], False),
+    (
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+        [r"\p{N}", _GPT2_RE],
+        False,
+    ),
+    (
+        (
+            "gpt-2",
+            "phi-2",
+            "jina-es",
+            "jina-de",
+            "gigachat",
+            "jina-v2-es",
+            "jina-v2-de",
+            "mpt",
+            "olmo",
+            "jais",
+            "exaone4",
+            "roberta-bpe",
+            "jina-v1-en",
+            "jina-v2-code",
+            "trillion",
+            "granite-docling",
+            "mellum",
+        ),
+        [_GPT2_RE],
+        False,
+    ),
+    (("tekken",), [_TEKKEN_RE], True),
+    (("deepseek-llm",), _DEEPSEEK_LLM, False),
+]
+_PRE_BY_NAME = {name: (regexes, ignore) for names, regexes, ignore in _PRE_TYPES for name in names}
+
+
+def llamacpp_pre_tokenizer(pre: str | None) -> tuple[dict, bool] | None:
+    """(`tokenizers` pre-tokenizer JSON, ignore_merges) for a byte-level BPE vocabulary whose
+    `tokenizer.ggml.pre` is `pre`, as llama.cpp pre-tokenizes it; None for a name we do not know."""
+    found = _PRE_BY_NAME.get(pre or "default")  # llama.cpp uses "default" when the key is missing
+    if found is None:
+        return None
+    regexes, ignore_merges = found
+    steps = [
+        {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False} for r in regexes
+    ]
+    steps.append({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False})
+    return {"type": "Sequence", "pretokenizers": steps}, ignore_merges
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -76,6 +163,7 @@ def _read_facts(reader: Any) -> dict:
     bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
     stops = {i for i in (eos, token_id("eot_token_id"), token_id("eom_token_id")) if i is not None}
     stops.update(i for i, t in enumerate(tokens) if t in _STOP_NAMES)
+    stops.update(int(i) for i in get("tokenizer.ggml.eos_token_ids") or [] if 0 <= int(i) < n)  # every end id
     add_bos = get("tokenizer.ggml.add_bos_token")
     if add_bos is None:  # llama.cpp adds BOS to a sentencepiece vocab that does not say otherwise
         add_bos = model == "llama"
@@ -83,6 +171,7 @@ def _read_facts(reader: Any) -> dict:
         add_bos = False
     return {
         "model": model,
+        "pre": get("tokenizer.ggml.pre"),
         "vocab_size": n,
         "bos_id": bos,
         "eos_id": eos,
@@ -114,8 +203,11 @@ def _gguf_tokenizer(reader: Any) -> tuple[str, dict, dict]:
     return reader.fields["general.architecture"].contents(), tokenizer, config
 
 
-def _convert(path: str, vocab_size: int, reader: Any = None) -> str:
-    """`tokenizer.json` text of the fast tokenizer transformers builds for this GGUF."""
+def _convert(
+    path: str, vocab_size: int, reader: Any = None, pre_tokenizer: tuple[dict, bool] | None = None
+) -> str:
+    """`tokenizer.json` text of the fast tokenizer transformers builds for this GGUF, with `pre_tokenizer`
+    (from `llamacpp_pre_tokenizer`) in place of transformers' one if given."""
     try:
         from transformers.integrations.gguf import (
             convert_gguf_tokenizer,
@@ -150,6 +242,8 @@ def _convert(path: str, vocab_size: int, reader: Any = None) -> str:
     # when the file's vocab lacks them, giving ids past the embedding table; such text must stay text.
     data = json.loads(backend.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab_size]
+    if pre_tokenizer is not None and data["model"].get("type") == "BPE":
+        data["pre_tokenizer"], data["model"]["ignore_merges"] = pre_tokenizer
     return json.dumps(data, ensure_ascii=False)
 
 
@@ -183,6 +277,7 @@ class Tokenizer:
         self.chat_template: str | None = facts["chat_template"]
         self._added_ids: frozenset[int] | None = None
         self._byte_dec: dict[str, int] | None = None
+        self._plain_backends: tuple[_Backend, _Backend] | None = None
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, *, reader: Any = None) -> Tokenizer:
@@ -200,7 +295,10 @@ class Tokenizer:
 
             reader = gguf.GGUFReader(path)
         facts = _read_facts(reader)
-        tokenizer_json = _convert(path, facts["vocab_size"], reader)
+        pre = None
+        if facts["model"] == "gpt2":  # byte-level BPE: the only kind with a llama.cpp pre-tokenizer regex
+            pre = llamacpp_pre_tokenizer(facts["pre"])
+        tokenizer_json = _convert(path, facts["vocab_size"], reader, pre)
         try:
             _write_atomic(
                 cache, json.dumps({"version": _FORMAT_VERSION, "facts": facts, "tokenizer": tokenizer_json})
@@ -217,6 +315,118 @@ class Tokenizer:
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with special tokens written in it kept as ordinary text (llama.cpp's
+        `tokenize(special=False)`): for untrusted text such as a chat message. No BOS."""
+        return self._plain(True).encode(text, add_special_tokens=False).ids
+
+    def _plain(self, first: bool) -> _Backend:
+        """A copy of the backend without its special added tokens (user-defined ones stay: llama.cpp parses
+        those even with special=False); `tokenizers` has no per-call switch to skip added-token matching.
+        `first=False` gives the variant for text that does not start the input: a sentencepiece Metaspace
+        with prepend_scheme "first" adds its "▁" only there."""
+        if self._plain_backends is None:
+            data = json.loads(self._backend.to_str())
+            data["added_tokens"] = [t for t in data["added_tokens"] if not t["special"]]
+            first_json = json.dumps(data)
+
+            def never(node):
+                if isinstance(node, dict):
+                    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                        node["prepend_scheme"] = "never"
+                    for v in node.values():
+                        never(v)
+                elif isinstance(node, list):
+                    for v in node:
+                        never(v)
+
+            never(data["pre_tokenizer"])
+            later_json = json.dumps(data)
+            first_b = _Backend.from_str(first_json)
+            self._plain_backends = (
+                first_b,
+                first_b if later_json == first_json else _Backend.from_str(later_json),
+            )
+        return self._plain_backends[0 if first else 1]
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any
+    ) -> list[int]:
+        """Token ids of the rendered conversation where only the template's own text can produce special
+        tokens: `<|im_end|>` typed in a message stays text, so a user cannot forge turns.
+
+        The template is rendered with each message's text replaced by a random sentinel, which locates the
+        message text in the real rendering. Special tokens are matched in the template's text only; each run
+        of text between them (template text and message text together, as a plain encode would see it) is
+        encoded without special-token parsing. So a conversation without special-token text in its messages
+        gets exactly the ids of `encode(apply_chat_template(...))`. BOS as in `encode`.
+        """
+        from .chat_template import _plain as plain_data
+
+        msgs = plain_data(list(messages))
+        tag = secrets.token_hex(16)
+        contents: list[str] = []
+
+        def sentinel(text: str) -> str:
+            contents.append(text)
+            return f"\ue000{tag}:{len(contents) - 1}\ue001"
+
+        for m in msgs:
+            if not isinstance(m, dict):
+                continue
+            c = m.get("content")
+            if isinstance(c, str):
+                m["content"] = sentinel(c)
+            elif isinstance(c, list):  # OpenAI-style content parts
+                for part in c:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        part["text"] = sentinel(part["text"])
+        marked = self.apply_chat_template(msgs, add_generation_prompt, **extra)
+        # pieces alternate: template text, message index, template text, ...
+        pieces = re.split(f"\ue000{tag}:(\\d+)\ue001", marked)
+        scaffold, which = pieces[0::2], [int(i) for i in pieces[1::2]]
+        if any(tag in p.lower() for p in scaffold):  # e.g. `| upper` on the content: we cannot find it
+            raise ValueError("chat template alters message text beyond recognition; cannot encode it safely")
+        # Templates may transform the text (e.g. `| trim`): use the form the real rendering contains.
+        real = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        for fix in (lambda t: t, str.strip):
+            texts = [fix(contents[i]) for i in which]
+            if "".join(x for pair in zip(scaffold, texts + [""], strict=True) for x in pair) == real:
+                break
+        else:  # an unusual transformation: keep the message text as given (still safe)
+            texts = [contents[i] for i in which]
+
+        special = self._special_added_ids()
+        ids: list[int] = []
+        run: list[str] = []  # text since the last special token
+
+        def flush() -> None:
+            text = "".join(run)
+            if text:
+                ids.extend(self._plain(not ids).encode(text, add_special_tokens=False).ids)
+            run.clear()
+
+        for k, piece in enumerate(scaffold):
+            if piece:
+                enc = self._backend.encode(piece, add_special_tokens=False)
+                pos = 0
+                for tid, (start, end) in zip(enc.ids, enc.offsets, strict=True):
+                    if tid in special:
+                        run.append(piece[pos:start])
+                        flush()
+                        ids.append(tid)
+                        pos = end
+                run.append(piece[pos:])
+            if k < len(texts):
+                run.append(texts[k])
+        flush()
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def _special_added_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
