@@ -21,14 +21,14 @@ def _bench_inprocess(path: str, threads: int, n_decode: int, prompt_tokens: list
     load_before = os.getloadavg()[0]
     t = time.perf_counter()
     root = Root(GGUFModel(path, verbose=False), nthreads=threads, max_seq=len(prompt_tokens) + n_decode + 16,
-                workers=workers, secret=secret, buffer_type=buffer_type, log=lambda *a: None)  # fmt: skip
+                workers=workers, secret=secret, sync=buffer_type, log=lambda *a: None)  # fmt: skip
     load_s = time.perf_counter() - t
 
     def prefill(ids):  # greedy, like the llama.cpp side: only the argmax of the last position is needed
         logits = None
         for i in range(0, len(ids), root.max_batch):
             last = i + root.max_batch >= len(ids)
-            logits = root.forward(ids[i : i + root.max_batch], i, "argmax" if last else "none")
+            logits = root.run(ids[i : i + root.max_batch], i, "argmax" if last else "none").logits
         return logits
 
     logits = prefill(prompt_tokens)  # warm-up: pages in the weights, wakes the threads
@@ -41,22 +41,22 @@ def _bench_inprocess(path: str, threads: int, n_decode: int, prompt_tokens: list
     logits = prefill(prompt_tokens)
     prefill_s = time.perf_counter() - t
     tokens, steps, pos = [int(logits.argmax())], [], len(prompt_tokens)
-    net0, sent0, recv0 = root.network_s, root.bytes_sent, root.bytes_recv
+    net = sent = recv = 0.0
     t0 = time.perf_counter()
     for _ in range(n_decode):
         ts = time.perf_counter()
-        logits = root.forward([tokens[-1]], pos, "argmax")
-        tokens.append(int(logits.argmax()))
+        r = root.run([tokens[-1]], pos, "argmax")
+        tokens.append(int(r.logits.argmax()))
         pos += 1
         steps.append(time.perf_counter() - ts)
+        net, sent, recv = net + r.step.network_s, sent + r.step.sent, recv + r.step.recv
     decode_s = time.perf_counter() - t0
     out = {
         "engine": "dllama", "threads": threads, "nodes": root.n_nodes, "n_prompt": len(prompt_tokens),
         "n_decode": n_decode, "prefill_s": prefill_s, "prefill_tps": len(prompt_tokens) / prefill_s,
         "decode_s": decode_s, "decode_tps": n_decode / decode_s, "decode_ms_median": float(np.median(steps) * 1e3),
-        "decode_tps_median": float(1 / np.median(steps)), "network_share": (root.network_s - net0) / decode_s,
-        "root_sent_per_token": (root.bytes_sent - sent0) / n_decode,
-        "root_recv_per_token": (root.bytes_recv - recv0) / n_decode,
+        "decode_tps_median": float(1 / np.median(steps)), "network_share": net / decode_s,
+        "root_sent_per_token": sent / n_decode, "root_recv_per_token": recv / n_decode,
         "loadavg_before": load_before, "load_s": load_s, "tokens": tokens,
     }  # fmt: skip
     root.close()

@@ -78,11 +78,19 @@ def run(args) -> int:
             )
         log(f"dllama api: serving {model_id} at {url} (OpenAI API under {url}v1)")
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                # uvicorn waits for open responses to finish before it shuts the app down: end the running
+                # generation first, so that streams close at once instead of running to their end.
+                app.state.stop_generation()
+                super().handle_exit(sig, frame)
+
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: make SIGTERM an
         # exception too, so that `finally` still stops the local workers.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            Server(config).run(sockets=[sock])
         except KeyboardInterrupt:
             pass
         log("dllama api: stopped")

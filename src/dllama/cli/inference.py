@@ -19,10 +19,32 @@ def register(sub) -> None:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--steps", type=options.positive_int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--per-token", action="store_true", help="print one timing line per generated token")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only plan: print each node's share and the memory it needs, load nothing, then exit")  # fmt: skip
     p.set_defaults(run=run)
 
 
+def dry_run(args) -> int:
+    from dllama.model.default import resolve_model
+    from dllama.model.gguf_model import GGUFModel
+    from dllama.runtime.memory import available_bytes
+    from dllama.runtime.root import Root
+
+    model = GGUFModel(resolve_model(args.model))
+    workers = list(args.workers) + [f"local:{i}" for i in range(args.local_workers)]
+    root = Root(model, nthreads=args.nthreads or 1, max_seq=args.max_seq_len, workers=workers, weights=args.weights,
+                sync=args.buffer_float_type, dry_run=True)  # fmt: skip
+    print(root.describe())
+    need = root.memory[0]
+    avail = available_bytes()
+    print(f"this machine (the root) has {avail / 1e6:.0f} MB available: the root needs {need.describe()}: "
+          f"{'fits' if need.total <= avail else 'DOES NOT FIT'}")  # fmt: skip
+    return 0 if need.total <= avail else 1
+
+
 def run(args) -> int:
+    if args.dry_run:
+        return dry_run(args)
     with Runtime(RuntimeConfig.from_args(args)) as rt:
         session, tok = rt.session, rt.tokenizer
         ids = tok.encode(args.prompt)

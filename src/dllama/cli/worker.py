@@ -21,6 +21,8 @@ def register(sub) -> None:
     )
     p.add_argument("--secret", help="cluster secret the root must prove it knows (default: $DLLAMA_SECRET)")
     p.add_argument("--model", help="a local copy of the model: the slice is read from it instead of received")
+    p.add_argument("--kv-cache-dir", help="directory of the KV cache file when a root asks for disk storage "
+                   "(default: the temporary directory)")  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -45,7 +47,7 @@ def run(args) -> int:
             flush=True,
         )
     server = WorkerServer(args.host, args.port, nthreads=args.nthreads, secret=secret,
-                          model_path=resolve_model(args.model) if args.model else None)
+                          model_path=resolve_model(args.model) if args.model else None, kv_dir=args.kv_cache_dir)
     try:
         port = server.bind()
     except OSError as e:

@@ -18,20 +18,16 @@ from dllama.split.plan import NodeShare, Placement
 CommError = _kernels.CommError
 LAYER_SLOTS = {name: i for i, name in enumerate(_kernels.LAYER_SLOTS)}
 GLOBAL_SLOTS = {name: i for i, name in enumerate(_kernels.GLOBAL_SLOTS)}
-SYNC_FORMATS = {"q80": _kernels.SYNC_Q80, "f32": _kernels.SYNC_F32}
+SYNC_FORMATS = {"q80": _kernels.SYNC_Q80, "f16": _kernels.SYNC_F16, "f32": _kernels.SYNC_F32}
 
 
 def slot_of(p: Placement) -> int:
     return (GLOBAL_SLOTS if p.layer < 0 else LAYER_SLOTS)[p.spec.slot]
 
 
-def kv_cache_bytes(cfg: ModelConfig, share: NodeShare, max_seq: int) -> int:
-    return 2 * cfg.n_layers * share.n_kv_heads * cfg.head_dim * max_seq * 4
-
-
 def sync_row_bytes(sync: str, dim: int) -> int:
     """Bytes of one row of a partial sum on the wire."""
-    return dim * 34 // 32 if sync == "q80" else dim * 4
+    return dim * 34 // 32 if sync == "q80" else dim * (2 if sync == "f16" else 4)
 
 
 def embed_rows(raw: bytes | memoryview | np.ndarray, qtype: int, dim: int, out: np.ndarray) -> None:
@@ -44,7 +40,7 @@ def embed_rows(raw: bytes | memoryview | np.ndarray, qtype: int, dim: int, out: 
 
 class Engine:
     def __init__(self, cfg: ModelConfig, share: NodeShare, *, max_seq: int, max_batch: int, nthreads: int,
-                 sync: str = "q80"):  # fmt: skip
+                 sync: str = "q80", check_residual: bool = False, kv_dir: str | None = None):  # fmt: skip
         self.cfg, self.share = cfg, share
         self.max_seq, self.max_batch = max_seq, max_batch
         self.x = np.zeros((max_batch, cfg.dim), dtype=np.float32)  # residual stream [B, dim]
@@ -56,13 +52,16 @@ class Engine:
             max_seq, max_batch, cfg.norm_eps, cos, sin, nthreads, self.x, self.out, self.logits,
             rope_neox=cfg.rope_neox, qk_norm=cfg.qk_norm, attn_bias=cfg.attn_bias, n_experts=cfg.n_experts,
             n_active=cfg.n_active_experts, norm_topk=cfg.norm_topk, sync=SYNC_FORMATS[sync],
+            check_residual=check_residual, kv_dir=kv_dir,
         )  # fmt: skip
         self.weight_bytes = 0
 
-    def set(self, p: Placement, v: TensorView) -> None:
-        """Hand the engine one tensor of its share (the engine keeps a reference, or its own repacked copy)."""
-        self.k.set_tensor(p.layer, slot_of(p), p.expert, v.base, v.offset, v.type, v.rows, v.cols, v.stride)
+    def set(self, p: Placement, v: TensorView) -> bool:
+        """Hand the engine one tensor of its share. True if the engine reads it in place (keeps a reference),
+        False if it made its own (repacked) copy, so the source's memory may go."""
+        uses = self.k.set_tensor(p.layer, slot_of(p), p.expert, v.base, v.offset, v.type, v.rows, v.cols, v.stride)
         self.weight_bytes += v.nbytes
+        return uses
 
     def ready(self) -> None:
         """Raises ValueError unless every tensor the graph reads was set."""
@@ -74,6 +73,10 @@ class Engine:
     # one C call each, GIL released inside
     def forward(self, pos: int, T: int) -> None:
         self.k.forward(pos, T)
+
+    def residual_hashes(self) -> bytes | None:
+        """With check_residual: a u64 hash of the residual stream after each block of the last forward."""
+        return self.k.residual_hashes()
 
     def compute_logits(self, row: int) -> np.ndarray:
         self.k.logits(row)

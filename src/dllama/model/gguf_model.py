@@ -8,9 +8,11 @@ file) is refused. A model split into `-0000i-of-0000n.gguf` parts loads as one."
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from collections import Counter
+from functools import cached_property
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -21,24 +23,13 @@ from dllama.arch import OUTPUT, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBD, TensorSpec,
 from dllama.engine import _kernels
 from dllama.errors import DllamaError
 from dllama.model.config import ModelConfig
+from dllama.model.gguf_file import GGUFFile
 from dllama.model.parts import split_parts
 from dllama.model.tensor_view import TensorView
 from dllama.model.weight_types import NATIVE, row_bytes
 
 
-def _read_metadata(reader: GGUFReader) -> dict:
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and len(field.data) > 1:
-            continue  # vocab arrays: read by the tokenizer, not needed here
-        try:
-            meta[key] = field.contents()
-        except Exception:  # noqa: BLE001 - a field gguf-py cannot decode is not one we use
-            continue
-    return meta
-
-
-def _open(path: str) -> GGUFReader:
+def _open(path: str) -> GGUFFile:
     if not os.path.exists(path):
         raise DllamaError(f"model file not found: {path}")
     if os.path.isdir(path):
@@ -47,10 +38,7 @@ def _open(path: str) -> GGUFReader:
         magic = f.read(4)
     if magic != b"GGUF":
         raise DllamaError(f"not a GGUF file (bad magic {magic!r}): {path}")
-    try:
-        return GGUFReader(path, "r")
-    except Exception as e:  # noqa: BLE001 - gguf-py raises many types on corrupt files
-        raise DllamaError(f"cannot read GGUF file {path} (truncated or corrupt?): {e}") from None
+    return GGUFFile(path)
 
 
 class GGUFModel:
@@ -59,19 +47,16 @@ class GGUFModel:
     def __init__(self, path: str, *, verbose: bool = True):
         self.path = os.path.abspath(path)
         self.parts = split_parts(self.path)
-        self.reader = _open(self.parts[0])
-        self.readers = [self.reader] + [_open(p) for p in self.parts[1:]]
-        self.file_size = sum(os.path.getsize(p) for p in self.parts)
-        self.metadata = _read_metadata(self.reader)
+        self.files = [_open(p) for p in self.parts]
+        self.file_size = sum(f.size for f in self.files)
+        self.metadata = self.files[0].metadata()
         self.arch = architecture(self.metadata.get("general.architecture"))
         self.tensors: dict[str, TensorView] = {}
         converted: Counter = Counter()
-        for part, reader in zip(self.parts, self.readers, strict=True):
-            size = os.path.getsize(part)
-            for t in reader.tensors:
-                end = int(t.data_offset) + int(t.n_bytes)
-                if end > size or t.data.nbytes != int(t.n_bytes):
-                    raise DllamaError(f"GGUF file is truncated: tensor '{t.name}' ends past the end of {part}")
+        for f in self.files:
+            for t in f.tensors:
+                if t.name in self.tensors:
+                    raise DllamaError(f"tensor '{t.name}' appears twice in {self.path}")
                 self.tensors[t.name] = self._view(t, converted)
         if converted and verbose:
             kinds = ", ".join(f"{n} x {k}" for k, n in sorted(converted.items()))
@@ -81,18 +66,24 @@ class GGUFModel:
         self.specs: list[TensorSpec] = self.arch.layer_tensors(self.config)
         self._check_tensors()
 
+    @cached_property
+    def reader(self) -> GGUFReader:
+        """gguf-py's full reader of the first part, made only when asked (the tokenizer's one-time conversion)."""
+        return GGUFReader(self.parts[0], "r")
+
     @staticmethod
     def _view(t, converted: Counter) -> TensorView:
-        qtype = QT(int(t.tensor_type))
-        shape = [int(s) for s in t.shape]  # GGUF order: ne0 (columns) first
-        cols = shape[0]
-        rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        qtype = QT(int(t.type))
+        cols = t.shape[0]  # GGUF order: ne0 (columns) first
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
         if qtype in NATIVE and not (rows == 1 and qtype != QT.F32):
-            data = np.asarray(t.data).view(np.uint8).reshape(-1)
-            return TensorView(data, 0, int(qtype), rows, cols, row_bytes(qtype, cols))
+            return TensorView(t.data, 0, int(qtype), rows, cols, row_bytes(qtype, cols))
         # not computed natively: vectors become F32, matrices Q8_0 (never fewer bits than the source)
+        raw = np.asarray(t.data).reshape(rows, -1)
         try:
-            f = dequantize(np.asarray(t.data), qtype).astype(np.float32).reshape(rows, cols)
+            if qtype in (QT.F16, QT.F32, QT.F64):
+                raw = raw.view({QT.F16: np.float16, QT.F32: np.float32, QT.F64: np.float64}[qtype])
+            f = dequantize(raw, qtype).astype(np.float32).reshape(rows, cols)
         except NotImplementedError:
             raise DllamaError(f"tensor '{t.name}' has type {qtype.name}, which cannot be converted") from None
         if rows == 1 or cols % 32:
@@ -141,6 +132,27 @@ class GGUFModel:
             for layer in range(cfg.n_layers):
                 if self.layer(layer, spec.name).type != QT.F32:
                     raise DllamaError(f"tensor 'blk.{layer}.{spec.name}' must be F32")
+
+    def release(self, v: TensorView) -> None:
+        """Drop the file pages under view `v` from this process and the page cache: the node does not read them
+        again (a worker's slice that was shipped, a tensor the engine copied). The mapping stays valid."""
+        for f, part in zip(self.files, self.parts, strict=True):
+            mm = f.data
+            start = v.base.ctypes.data + v.offset - mm.ctypes.data
+            if not 0 <= start < mm.nbytes:
+                continue
+            length = (v.rows - 1) * v.stride + v.row_bytes if v.rows else 0
+            page = mmap.PAGESIZE
+            lo, hi = start // page * page, min(mm.nbytes, -(-(start + length) // page) * page)
+            raw = getattr(mm, "_mmap", None)
+            if raw is not None and hi > lo:
+                raw.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            return
 
     # ---- accessors ----
     def layer(self, layer: int, name: str) -> TensorView:

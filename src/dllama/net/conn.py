@@ -46,6 +46,10 @@ class Conn:
         if not poller.poll(None if t is None else int(t * 1000)):
             raise Timeout(f"{self.name} did not {what} within {self.timeout or 0:.0f} s")
 
+    def readable_now(self) -> bool:
+        """Data (or EOF, or an error) is waiting, without blocking."""
+        return bool(self._poll_in.poll(0))
+
     def sendall(self, data) -> None:
         view = memoryview(data).cast("B")
         off = 0

@@ -58,9 +58,19 @@ class Mesh:
             return NodeFailure(node, f"{name}: connection lost ({os.strerror(err)})")
         if kind == _mesh.PEER_ERROR:
             return NodeFailure(node, f"{name}: {M.explanation(mtype, msg)}")
+        if kind == _mesh.NONFINITE:
+            return NodeFailure(node, f"{name} sent a partial sum with NaN or infinite values")
         if kind == _mesh.BADFRAME:
             return NodeFailure(node, f"{name} sent a malformed or out-of-step partial sum")
         return NodeFailure(node, f"{name} disconnected")
+
+    def set_timeout(self, seconds: float) -> None:
+        """The longest wait for a peer's partial sum (the step timeout), and for the links' other messages."""
+        self.timeout = seconds
+        self.tcp.set_timeout(max(1, int(seconds * 1000)))
+        for c in self.links.values():
+            if c.timeout is not None:
+                c.timeout = seconds
 
     def close(self) -> None:
         for c in self.links.values():

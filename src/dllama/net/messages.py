@@ -22,10 +22,10 @@ VERSION = 2
 MAGIC = b"DL"
 HEADER = struct.Struct("<2sBBI")  # magic, type, flags (0), payload length
 
-HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, SETUP, TENSOR, READY, FORWARD, PARTIAL, STOP, ABORT, LOGITS = range(1, 14)
+HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, SETUP, TENSOR, READY, FORWARD, PARTIAL, STOP, ABORT, LOGITS, RESIDUAL = range(1, 15)
 NAMES = {HELLO: "HELLO", CHALLENGE: "CHALLENGE", AUTH: "AUTH", AUTH_OK: "AUTH_OK", ERROR: "ERROR", SETUP: "SETUP",
          TENSOR: "TENSOR", READY: "READY", FORWARD: "FORWARD", PARTIAL: "PARTIAL", STOP: "STOP", ABORT: "ABORT",
-         LOGITS: "LOGITS"}  # fmt: skip
+         LOGITS: "LOGITS", RESIDUAL: "RESIDUAL"}  # fmt: skip
 ROLE_ROOT, ROLE_PEER = 1, 2
 LOGITS_NONE, LOGITS_ARGMAX, LOGITS_FULL = 0, 1, 2  # nothing / (best logit, its id) / the f32 logits slice
 MAX_TEXT = 4096
@@ -308,6 +308,9 @@ class Setup(Message):
     session_id: bytes
     local_weights: bool
     model_hash: bytes
+    check_residual: bool = False  # debug: report a hash of the residual stream after every forward
+    weight_bytes: int = 0  # bytes of this node's slice (as the root will send or it will read them)
+    kv_storage: str = "ram"  # "disk": the KV cache in a memory-mapped file (the worker's --kv-cache-dir)
 
     @property
     def plan(self) -> SplitPlan:
@@ -323,6 +326,7 @@ class Setup(Message):
             "nodes": [[*n.kv_heads, *n.ffn, *n.vocab] for n in self.nodes], "index": self.index,
             "max_seq": self.max_seq, "max_batch": self.max_batch, "sync": self.sync, "peers": list(self.peers),
             "session_id": self.session_id.hex(), "local_weights": self.local_weights, "model_hash": self.model_hash.hex(),
+            "check_residual": self.check_residual, "weight_bytes": self.weight_bytes, "kv_storage": self.kv_storage,
         }  # fmt: skip
         return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -356,7 +360,10 @@ class Setup(Message):
         peers = obj.get("peers")
         _check(isinstance(peers, list) and len(peers) == len(nodes)
                and all(isinstance(p, str) and len(p) < 300 for p in peers), "SETUP: bad peer list")  # fmt: skip
-        _check(obj.get("sync") in ("q80", "f32"), "SETUP: bad sync format")
+        _check(obj.get("sync") in ("q80", "f16", "f32"), "SETUP: bad sync format")
+        _check(isinstance(obj.get("check_residual", False), bool), "SETUP: bad check_residual")
+        _check(_int(obj.get("weight_bytes", 0), 0, 1 << 48), "SETUP: bad weight_bytes")
+        _check(obj.get("kv_storage", "ram") in ("ram", "disk"), "SETUP: bad kv_storage")
         try:
             session_id = bytes.fromhex(str(obj.get("session_id")))
             model_hash = bytes.fromhex(str(obj.get("model_hash", "")))
@@ -365,9 +372,27 @@ class Setup(Message):
         _check(len(session_id) == 16 and len(model_hash) in (0, 32), "SETUP: bad session id")
         _check(isinstance(obj.get("local_weights"), bool), "SETUP: bad local_weights")
         return cls(cfg, tuple(float(w) for w in weights), tuple(nodes), obj["index"], obj["max_seq"], obj["max_batch"],
-                   obj["sync"], tuple(peers), session_id, obj["local_weights"], model_hash)  # fmt: skip
+                   obj["sync"], tuple(peers), session_id, obj["local_weights"], model_hash,
+                   obj.get("check_residual", False), obj.get("weight_bytes", 0), obj.get("kv_storage", "ram"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Residual(Message):
+    """Debug (SETUP check_residual): a worker's hash of its residual stream after each block of a forward pass,
+    u64 each, 2 per layer; every node must hold the same stream."""
+
+    TYPE, LIMIT = RESIDUAL, 8 * 2 * CONFIG_LIMITS["n_layers"][1]
+    hashes: bytes
+
+    def encode(self) -> bytes:
+        return self.hashes
+
+    @classmethod
+    def decode(cls, payload: bytes, *, n_layers: int) -> Residual:
+        _check(len(payload) == 16 * n_layers, "malformed RESIDUAL")
+        return cls(payload)
 
 
 MESSAGES: dict[int, type[Message]] = {m.TYPE: m for m in (Hello, Challenge, Auth, AuthOk, Error, Setup, Ready, Forward,
-                                                          Stop, Abort, Logits)}  # fmt: skip
+                                                          Stop, Abort, Logits, Residual)}  # fmt: skip
 LIMITS = {**{t: m.LIMIT for t, m in MESSAGES.items()}, TENSOR: TENSOR_HEAD.size + (8 << 30), PARTIAL: 4 + (1 << 30)}

@@ -5,20 +5,29 @@ same code)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from dllama.engine.engine import Engine, embed_rows, kv_cache_bytes
+from dllama.engine.engine import Engine, embed_rows
 from dllama.errors import DllamaError
 from dllama.model.gguf_model import GGUFModel
 from dllama.net import messages as M
 from dllama.runtime.cluster import Cluster
 from dllama.runtime.cluster.local import LocalCluster
 from dllama.runtime.cluster.tcp import Settings, TcpCluster
-from dllama.runtime.memory import cap_seq_len
+from dllama.runtime.memory import (
+    RUNTIME_BYTES,
+    NodeMemory,
+    buffer_bytes,
+    cap_seq_len,
+    check_fits,
+    kv_cache_bytes,
+    kv_directory,
+)
 from dllama.runtime.stats import Step
 from dllama.split.plan import SplitPlan
 
@@ -35,39 +44,67 @@ class StepResult:
 class Root:
     def __init__(self, model: GGUFModel, *, nthreads: int = 1, max_seq: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, workers: list[str] | None = None, weights=None,
-                 sync: str = "q80", secret: str | None = None, log=None):  # fmt: skip
+                 sync: str = "q80", secret: str | None = None, check_residual: bool | None = None,
+                 kv_storage: str = "ram", kv_dir: str | None = None, dry_run: bool = False, log=None):  # fmt: skip
         self.model = model
         self.cfg = cfg = model.config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.workers = list(workers or [])
-        if sync not in ("q80", "f32"):
-            raise DllamaError(f"unknown sync format {sync!r} (q80 or f32)")
+        if sync not in ("q80", "f16", "f32"):
+            raise DllamaError(f"unknown sync format {sync!r} (q80, f16 or f32)")
+        if check_residual is None:  # debug: DLLAMA_CHECK_RESIDUAL=1 makes every node prove its stream is the root's
+            check_residual = os.environ.get("DLLAMA_CHECK_RESIDUAL", "") not in ("", "0")
         self.plan = SplitPlan.make(cfg, 1 + len(self.workers), weights)
+        self.kv_dir = kv_directory(kv_storage, kv_dir)
         requested = min(max_seq or cfg.context_length, cfg.context_length) if max_seq is None else max_seq
         if requested < 2:
             raise DllamaError("--max-seq-len must be >= 2")
-        per_pos = max(kv_cache_bytes(cfg, n, 1) for n in self.plan.nodes)
-        self.max_seq, note = cap_seq_len(requested, per_pos)
+        per_pos = max(kv_cache_bytes(cfg, n.n_kv_heads, 1) + 4 * cfg.head_dim for n in self.plan.nodes)  # + rope
+        reserve = max(self.plan.node_bytes(n, model) for n in self.plan.nodes) + RUNTIME_BYTES
+        if self.kv_dir:  # on disk the cache does not take RAM: only the rope tables count
+            per_pos = 4 * cfg.head_dim
+        self.max_seq, note = cap_seq_len(requested, per_pos, reserve)
         if note:
             self.log(note)
         self.max_batch = max(1, min(max_batch, self.max_seq))
+        self.nthreads = nthreads
+        self.memory = [self.node_memory(i) for i in range(self.plan.n_nodes)]
+        self.cluster: Cluster | None = None
+        if dry_run:  # only the plan: nothing loaded, nobody contacted
+            return
         if self.plan.n_nodes > 1:
-            w = [self.plan.node_bytes(n, model) for n in self.plan.nodes]
-            w[0] += model.embedding.nbytes  # the root also keeps the embedding table for lookups
-            self.log(self.plan.describe(w, [kv_cache_bytes(cfg, n, self.max_seq) for n in self.plan.nodes]))
+            self.log(self.describe())
+        check_fits(self.memory[0], "the root")
         share = self.plan.nodes[0]
-        self.engine = Engine(cfg, share, max_seq=self.max_seq, max_batch=self.max_batch, nthreads=nthreads, sync=sync)
+        self.engine = Engine(cfg, share, max_seq=self.max_seq, max_batch=self.max_batch, nthreads=nthreads, sync=sync,
+                             check_residual=check_residual and bool(self.workers), kv_dir=self.kv_dir)  # fmt: skip
         for p in self.plan.placements(share):
             v = self.plan.view(share, p, model)
-            # a node holding a slice reads it fastest from its own packed copy (TensorView.packed_copy)
-            self.engine.set(p, v if self.plan.n_nodes == 1 else v.packed_copy())
+            # a node holding a slice reads it fastest from its own packed copy (TensorView.packed_copy); whatever
+            # the engine copied (a slice, a repacked tensor) no longer needs its file pages
+            copied = self.plan.n_nodes > 1
+            if not self.engine.set(p, v.packed_copy() if copied else v) or copied:
+                model.release(v)
         self.engine.ready()
-        self.settings = Settings(self.max_seq, self.max_batch, sync, secret)
-        self.cluster: Cluster | None = None
+        self.settings = Settings(self.max_seq, self.max_batch, sync, secret, check_residual and bool(self.workers),
+                                 tuple(m.weights for m in self.memory), kv_storage)  # fmt: skip
         if self.workers:
             self.reconnect()
         else:
             self.cluster = LocalCluster(self.engine)
+
+    def node_memory(self, i: int) -> NodeMemory:
+        """What node i holds: its slice in the file's weight types, its KV cache, the engine's buffers."""
+        n, cfg = self.plan.nodes[i], self.cfg
+        kv = 0 if self.kv_dir else kv_cache_bytes(cfg, n.n_kv_heads, self.max_seq)
+        return NodeMemory(self.plan.node_bytes(n, self.model), kv,
+                          buffer_bytes(cfg, n.n_heads, n.n_kv_heads, n.hidden, n.vocab_rows, self.max_seq,
+                                       self.max_batch, self.nthreads))  # fmt: skip
+
+    def describe(self) -> str:
+        """One line per node: its share and the memory it holds and needs."""
+        return self.plan.describe([m.weights for m in self.memory], [m.kv_cache for m in self.memory],
+                                  [m.total for m in self.memory])  # fmt: skip
 
     @property
     def n_nodes(self) -> int:
@@ -75,8 +112,11 @@ class Root:
 
     @property
     def available(self) -> bool:
-        """False after a worker failed, until `reconnect()` succeeds."""
-        return self.cluster is not None and not self.cluster.broken
+        """False after a worker failed (or, while idle, its link closed), until `reconnect()` succeeds."""
+        if self.cluster is None or self.cluster.broken:
+            return False
+        probe = getattr(self.cluster, "probe", None)
+        return probe() if probe else True
 
     def reconnect(self) -> None:
         """(Re)connects the workers and ships their slices again. Callers must forget their cached tokens: the KV

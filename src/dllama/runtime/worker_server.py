@@ -27,8 +27,9 @@ MAX_HANDSHAKES = 32  # connections allowed to be in the handshake at once
 
 class WorkerServer:
     def __init__(self, host: str, port: int, *, nthreads: int = 1, secret: str | None = None,
-                 model_path: str | None = None, log=None):  # fmt: skip
+                 model_path: str | None = None, kv_dir: str | None = None, log=None):  # fmt: skip
         self.host, self.port, self.nthreads = host, port, nthreads
+        self.kv_dir = kv_dir  # where a root asking for a disk KV cache gets it (default: the temp directory)
         self.key = P.key_of(secret)
         self.log = log or (lambda m: print(f"[worker] {m}", file=sys.stderr, flush=True))
         self.lock = threading.Lock()

@@ -9,7 +9,7 @@ import queue
 
 import numpy as np
 
-from dllama.engine.engine import CommError, Engine, embed_rows, kv_cache_bytes, slot_of
+from dllama.engine.engine import CommError, Engine, embed_rows, slot_of
 from dllama.errors import DllamaError
 from dllama.model.tensor_view import TensorView
 from dllama.model.weight_types import NATIVE, row_bytes
@@ -17,7 +17,7 @@ from dllama.net import messages as M
 from dllama.net import protocol as P
 from dllama.net.conn import Conn
 from dllama.net.mesh import Mesh
-from dllama.runtime.memory import available_bytes
+from dllama.runtime.memory import NodeMemory, buffer_bytes, check_fits, kv_cache_bytes, kv_directory
 from dllama.split.plan import Placement
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -119,15 +119,17 @@ class WorkerSession:
         raw = bytes(P.recv_exact(root, length))
         s = self.setup = M.Setup.decode(raw)
         plan, share = s.plan, s.share
-        # ~1 byte per weight (Q8_0; 4-bit slices need about half) plus the KV cache
-        elems = sum(p.rows * p.cols for p in plan.placements(share))
-        need = elems + kv_cache_bytes(plan.cfg, share, s.max_seq)
-        if need > available_bytes():
-            raise DllamaError(f"not enough memory on this worker: its slice needs ~{need / 2**30:.1f} GiB, "
-                              f"{available_bytes() / 2**30:.1f} GiB available")  # fmt: skip
+        # refuse, with the numbers, before allocating anything: the slice's exact bytes come with SETUP
+        weights = s.weight_bytes or sum(p.rows * p.cols for p in plan.placements(share))  # else ~1 byte a weight
+        kv_dir = kv_directory(s.kv_storage, self.server.kv_dir)
+        kv = 0 if kv_dir else kv_cache_bytes(plan.cfg, share.n_kv_heads, s.max_seq)
+        check_fits(NodeMemory(weights, kv,
+                              buffer_bytes(plan.cfg, share.n_heads, share.n_kv_heads, share.hidden, share.vocab_rows,
+                                           s.max_seq, s.max_batch, self.server.nthreads)),
+                   f"worker node {s.index}")  # fmt: skip
         self.server.current_session = self  # peers may connect from now on
         engine = Engine(plan.cfg, share, max_seq=s.max_seq, max_batch=s.max_batch, nthreads=self.server.nthreads,
-                        sync=s.sync)  # fmt: skip
+                        sync=s.sync, check_residual=s.check_residual, kv_dir=kv_dir)  # fmt: skip
         self._load(engine, s)
         self.mesh = Mesh(s.index, self._mesh(s), DATA_TIMEOUT)
         engine.set_comm(self.mesh)
@@ -158,6 +160,8 @@ class WorkerSession:
                     except (OSError, DllamaError):
                         pass
                 raise failure from None
+            if s.check_residual:
+                P.send(self.root, M.Residual(engine.residual_hashes()))
             if msg.logits != M.LOGITS_NONE:
                 self._send_logits(engine, s, msg.T, msg.logits)
 

@@ -13,7 +13,9 @@ class Sampler:
             raise ValueError("top_p must be in (0, 1]")
         self.temperature = float(temperature)
         self.top_p = float(top_p)
-        self.rng = np.random.default_rng(seed)
+        # Any integer is a seed (OpenAI takes any int64, e.g. -1): negative ones as their 64-bit two's
+        # complement, since NumPy's generators take only non-negative seeds.
+        self.rng = np.random.default_rng(None if seed is None else seed if seed >= 0 else seed & (2**64 - 1))
 
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature == 0.0:

@@ -130,7 +130,7 @@ def load_tokenizer(cfg: RuntimeConfig, path: str, model: GGUFModel) -> Tokenizer
     """The model's tokenizer, with the `--tokenizer` (tokenizer.json) and `--chat-template` overrides applied."""
     replace = cfg.tokenizer and not _is_original_model(cfg.model)
     try:
-        tok = Tokenizer.from_gguf(path, reader=model.reader)
+        tok = Tokenizer.from_gguf(path)  # reads the vocabulary only when its cache is cold
     except ValueError as e:  # the file carries no tokenizer
         if not replace:
             raise DllamaError(f"{path}: {e}; give a tokenizer.json with --tokenizer") from None

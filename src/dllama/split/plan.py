@@ -195,12 +195,13 @@ class SplitPlan:
             return v.row_slice(*share.vocab)
         return v
 
-    def describe(self, weight_bytes: list[int], kv_bytes: list[int]) -> str:
-        """One line per node: its share of the model and the memory it holds."""
-        lines = ["node  weight  kv heads  q heads  ffn rows  vocab rows  weights MB  KV cache MB"]
+    def describe(self, weight_bytes: list[int], kv_bytes: list[int], need_bytes: list[int]) -> str:
+        """One line per node: its share of the model, the memory it holds and the peak it needs."""
+        lines = ["node  weight  kv heads  q heads  ffn rows  vocab rows  weights MB  KV cache MB  needs MB"]
         for n in self.nodes:
             lines.append(
                 f"{n.index:>4}  {self.weights[n.index] / sum(self.weights):>6.2f}  {n.n_kv_heads:>8}  {n.n_heads:>7}  "
                 f"{n.hidden:>8}  {n.vocab_rows:>10}  {weight_bytes[n.index] / 1e6:>10.1f}  {kv_bytes[n.index] / 1e6:>11.1f}"
+                f"  {need_bytes[n.index] / 1e6:>8.1f}"
             )
         return "\n".join(lines)

@@ -12,7 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { COMM_OK = 0, COMM_TIMEOUT = 1, COMM_CLOSED = 2, COMM_BADFRAME = 3, COMM_SOCKERR = 4, COMM_PEER_ERROR = 5 };
+enum { COMM_OK = 0, COMM_TIMEOUT = 1, COMM_CLOSED = 2, COMM_BADFRAME = 3, COMM_SOCKERR = 4, COMM_PEER_ERROR = 5,
+       COMM_NONFINITE = 6 /* set by the engine: a peer's partial sum holds NaN or inf */ };
 
 #define COMM_MSG_MAX 4096
 

@@ -11,10 +11,13 @@
  *   weighted (MoE); x += sum over nodes of out
  * A single node (comm NULL) adds its own `out`: N = 1 is the same graph. */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE /* mkstemp, ftruncate */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "graph.h"
 
@@ -49,6 +52,9 @@ struct engine {
     uint8_t *rbuf;     /* [n_nodes][B * sync row] everybody's */
     int rbuf_nodes;
     float *acc;        /* [B][dim] sum of the partials in node order */
+    uint64_t *residual; /* [2 * n_layers] hash of x after each sync step (check_residual) */
+    void *kv_map;      /* the KV cache's file mapping (kv_dir), else NULL */
+    size_t kv_map_bytes;
     pool *pool;
 };
 
@@ -79,10 +85,11 @@ void engine_destroy(engine *e) {
     for (int i = 0; i < e->n_owned; i++) free(e->owned[i]);
     free(e->owned);
     free(e->lt); free(e->xt);
-    free(e->kc); free(e->vc); free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb);
+    if (e->kv_map) munmap(e->kv_map, e->kv_map_bytes);
+    else { free(e->kc); free(e->vc); } free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb);
     free(e->xq); free(e->xs); free(e->xd); free(e->scratch);
     free(e->router); free(e->route_tok); free(e->route_w); free(e->route_n); free(e->xg); free(e->yg);
-    free(e->sbuf); free(e->rbuf); free(e->acc);
+    free(e->sbuf); free(e->rbuf); free(e->acc); free(e->residual);
     free(e);
 }
 
@@ -101,10 +108,35 @@ engine *engine_create(const engine_config *cfg, const float *cos_t, const float 
     if ((size_t)c->hidden > maxc) maxc = (size_t)c->hidden;
     e->lt = (tensor *)calloc((size_t)c->n_layers * N_LAYER_SLOTS, sizeof(tensor));
     e->xt = (tensor *)calloc((size_t)c->n_layers * 3 * (c->n_experts ? c->n_experts : 1), sizeof(tensor));
-    /* calloc'd KV cache: pages are only backed by memory once a position is written */
+    /* calloc'd KV cache: pages are only backed by memory once a position is written. On disk: a file created and
+     * unlinked at once (nothing is left behind, whatever way the process ends), mapped shared, so the kernel can
+     * write pages back and drop them instead of keeping them in RAM. */
     const size_t kv = (size_t)c->n_layers * kd * c->max_seq;
-    e->kc = (float *)calloc(kv ? kv : 1, 4);
-    e->vc = (float *)calloc(kv ? kv : 1, 4);
+    if (c->kv_dir) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/dllama-kv-XXXXXX", c->kv_dir);
+        const int fd = mkstemp(path);
+        if (fd >= 0) {
+            unlink(path);
+            e->kv_map_bytes = 2 * 4 * (kv ? kv : 1);
+            if (ftruncate(fd, (off_t)e->kv_map_bytes) == 0) {
+                void *m = mmap(NULL, e->kv_map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+                if (m != MAP_FAILED) {
+                    e->kv_map = m;
+                    e->kc = (float *)m;
+                    e->vc = (float *)m + (kv ? kv : 1);
+                }
+            }
+            close(fd);
+        }
+        if (!e->kv_map) {
+            engine_destroy(e);
+            return NULL;
+        }
+    } else {
+        e->kc = (float *)calloc(kv ? kv : 1, 4);
+        e->vc = (float *)calloc(kv ? kv : 1, 4);
+    }
     e->xb = (float *)calloc(B * c->dim, 4);
     e->q = (float *)calloc(B * (qd ? qd : 1), 4);
     e->k = (float *)calloc(B * (kd ? kd : 1), 4);
@@ -126,6 +158,10 @@ engine *engine_create(const engine_config *cfg, const float *cos_t, const float 
         e->xg = (float *)calloc(B * c->dim, 4);
         e->yg = (float *)calloc(B * c->dim, 4);
         ok = ok && e->router && e->route_tok && e->route_w && e->route_n && e->xg && e->yg;
+    }
+    if (c->check_residual) {
+        e->residual = (uint64_t *)calloc((size_t)2 * c->n_layers, sizeof(uint64_t));
+        ok = ok && e->residual;
     }
     e->pool = ok ? pool_create(c->nthreads) : NULL;
     if (!e->pool) {
@@ -367,10 +403,44 @@ static void run_ffn(engine *e, int l, int T) {
 
 /* ---- the all-reduce: x += sum over nodes of their partial sums ---- */
 static size_t sync_row_bytes(const engine *e) {
-    return e->c.sync == SYNC_Q80 ? (size_t)e->c.dim / QK * sizeof(block_q8_0) : (size_t)e->c.dim * 4;
+    if (e->c.sync == SYNC_Q80) return (size_t)e->c.dim / QK * sizeof(block_q8_0);
+    return (size_t)e->c.dim * (e->c.sync == SYNC_F16 ? 2 : 4);
 }
 
+/* a peer's partial sum must be finite: a NaN from one node would silently poison every node's stream */
+static int finite_payload(const engine *e, const uint8_t *p, size_t n) {
+    if (e->c.sync == SYNC_Q80) {
+        const block_q8_0 *b = (const block_q8_0 *)p;
+        for (size_t i = 0; i < n / QK; i++)
+            if ((b[i].d & 0x7C00) == 0x7C00) return 0;
+    } else if (e->c.sync == SYNC_F16) {
+        const uint16_t *h = (const uint16_t *)p;
+        for (size_t i = 0; i < n; i++)
+            if ((h[i] & 0x7C00) == 0x7C00) return 0;
+    } else {
+        const float *f = (const float *)p;
+        for (size_t i = 0; i < n; i++)
+            if (!isfinite(f[i])) return 0;
+    }
+    return 1;
+}
+
+static uint64_t fnv1a(const void *data, size_t n) {
+    const uint8_t *b = (const uint8_t *)data;
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ULL;
+    return h;
+}
+
+static int allreduce_sum(engine *e, int T, uint32_t step, comm *cm);
+
 static int allreduce(engine *e, int T, uint32_t step, comm *cm) {
+    const int rc = allreduce_sum(e, T, step, cm);
+    if (rc == COMM_OK && e->residual) e->residual[step] = fnv1a(e->x, sizeof(float) * (size_t)T * e->c.dim);
+    return rc;
+}
+
+static int allreduce_sum(engine *e, int T, uint32_t step, comm *cm) {
     const size_t n = (size_t)T * e->c.dim;
     if (!cm || cm->n_nodes <= 1) {
         for (size_t i = 0; i < n; i++) e->x[i] += e->out[i];
@@ -393,14 +463,26 @@ static int allreduce(engine *e, int T, uint32_t step, comm *cm) {
     }
     /* every node adds the same quantized values in the same order, its own included */
     if (e->c.sync == SYNC_Q80) quantize_row_q80(e->out, (block_q8_0 *)e->sbuf, NULL, (int)n);
-    else memcpy(e->sbuf, e->out, n * 4);
+    else if (e->c.sync == SYNC_F16) {
+        uint16_t *h = (uint16_t *)e->sbuf;
+        for (size_t i = 0; i < n; i++) h[i] = f32_to_f16(e->out[i]);
+    } else memcpy(e->sbuf, e->out, n * 4);
     const int rc = cm->exchange(cm, e->sbuf, len, step, e->rbuf);
     if (rc != COMM_OK) return rc;
+    for (int node = 0; node < cm->n_nodes; node++)
+        if (node != cm->self && !finite_payload(e, e->rbuf + (size_t)node * len, n)) {
+            cm->fail.node = node;
+            cm->fail.kind = COMM_NONFINITE;
+            return COMM_NONFINITE;
+        }
     memset(e->acc, 0, n * 4);
     for (int node = 0; node < cm->n_nodes; node++) {
         const uint8_t *p = node == cm->self ? e->sbuf : e->rbuf + (size_t)node * len;
         if (e->c.sync == SYNC_Q80) accumulate_q80(e->acc, (const block_q8_0 *)p, (int)n);
-        else {
+        else if (e->c.sync == SYNC_F16) {
+            const uint16_t *h = (const uint16_t *)p;
+            for (size_t i = 0; i < n; i++) e->acc[i] += f16_to_f32(h[i]);
+        } else {
             const float *f = (const float *)p;
             for (size_t i = 0; i < n; i++) e->acc[i] += f[i];
         }
@@ -420,6 +502,8 @@ int engine_forward(engine *e, int pos, int T, comm *cm) {
     }
     return COMM_OK;
 }
+
+const uint64_t *engine_residual_hashes(const engine *e) { return e->residual; }
 
 void engine_logits(engine *e, int row) {
     const engine_config *c = &e->c;

@@ -23,7 +23,7 @@ extern const char *const LAYER_SLOT_NAMES[N_LAYER_SLOTS];
 extern const char *const GLOBAL_SLOT_NAMES[N_GLOBAL_SLOTS];
 
 /* sync formats of the partial sums */
-enum { SYNC_Q80 = 0, SYNC_F32 = 1 };
+enum { SYNC_Q80 = 0, SYNC_F32 = 1, SYNC_F16 = 2 };
 
 typedef struct {
     int dim, n_layers, head_dim, n_heads, n_kv_heads; /* heads: this node's */
@@ -33,7 +33,9 @@ typedef struct {
     float eps;
     int rope_neox, qk_norm, attn_bias;
     int n_experts, n_active, norm_topk;
-    int sync; /* SYNC_Q80 / SYNC_F32 */
+    int sync; /* SYNC_Q80 / SYNC_F32 / SYNC_F16 */
+    int check_residual; /* keep a hash of the residual stream after every block (debug: nodes must agree) */
+    const char *kv_dir;  /* non-NULL: the KV cache lives in a memory-mapped file in this directory (unlinked at once) */
 } engine_config;
 
 typedef struct engine engine;
@@ -50,6 +52,8 @@ int engine_check(const engine *e, char *why, size_t n); /* 0 when every tensor t
 /* all layers for tokens at pos..pos+T-1 (x[0:T] holds their embeddings); partial sums added through c */
 int engine_forward(engine *e, int pos, int T, comm *c);
 void engine_logits(engine *e, int row); /* logits = output rows . final_norm(x[row]) */
+/* with check_residual: hash of x[0:T] after sync step s of the last forward, for s < 2 * n_layers */
+const uint64_t *engine_residual_hashes(const engine *e);
 uint8_t *tensor_repack(tensor *t); /* Q4_0/Q4_1 -> the 8-row layout (malloc'ed) or NULL */
 extern int g_repack;
 void rope_rows_neox(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t);

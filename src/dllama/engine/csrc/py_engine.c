@@ -19,7 +19,7 @@ static PyObject *CommError;
 typedef struct {
     PyObject_HEAD
     engine *e;
-    int max_batch, max_seq;
+    int max_batch, max_seq, n_layers;
     Py_buffer *held; /* buffers kept exported for the engine's lifetime */
     int n_held, cap_held;
     PyObject *comm_owner;
@@ -52,14 +52,16 @@ static void Engine_dealloc(Engine *self) {
 static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"dim", "n_layers", "head_dim", "n_heads", "n_kv_heads", "hidden", "vocab", "max_seq",
                              "max_batch", "norm_eps", "rope_cos", "rope_sin", "nthreads", "x", "out", "logits",
-                             "rope_neox", "qk_norm", "attn_bias", "n_experts", "n_active", "norm_topk", "sync", NULL};
+                             "rope_neox", "qk_norm", "attn_bias", "n_experts", "n_active", "norm_topk", "sync",
+                             "check_residual", "kv_dir", NULL};
     engine_config c = {0};
     c.norm_topk = 1;
     PyObject *cos_o, *sin_o, *x_o, *out_o, *logits_o;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiiiifOOiOOO|pppiipi", kwlist, &c.dim, &c.n_layers, &c.head_dim,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiiiifOOiOOO|pppiipipz", kwlist, &c.dim, &c.n_layers, &c.head_dim,
                                      &c.n_heads, &c.n_kv_heads, &c.hidden, &c.vocab, &c.max_seq, &c.max_batch, &c.eps,
                                      &cos_o, &sin_o, &c.nthreads, &x_o, &out_o, &logits_o, &c.rope_neox, &c.qk_norm,
-                                     &c.attn_bias, &c.n_experts, &c.n_active, &c.norm_topk, &c.sync))
+                                     &c.attn_bias, &c.n_experts, &c.n_active, &c.norm_topk, &c.sync,
+                                     &c.check_residual, &c.kv_dir))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
@@ -69,7 +71,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
         c.n_heads < 1 || c.n_kv_heads < 1 || c.n_heads % c.n_kv_heads || c.max_seq < 1 || c.max_batch < 1 ||
         c.n_layers < 1 || c.vocab < 0 || c.n_experts < 0 || c.n_experts > 4096 || c.n_active < 0 ||
         c.n_active > c.n_experts || c.n_active > 64 || (c.n_experts && c.n_active < 1) ||
-        (c.sync != SYNC_Q80 && c.sync != SYNC_F32)) {
+        (c.sync != SYNC_Q80 && c.sync != SYNC_F32 && c.sync != SYNC_F16)) {
         PyErr_SetString(PyExc_ValueError, "Engine: inconsistent dimensions");
         return -1;
     }
@@ -94,10 +96,12 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
     logits = (float *)b->buf;
     self->e = engine_create(&c, cos_t, sin_t, x, out, logits);
     if (!self->e) {
-        PyErr_NoMemory();
+        if (c.kv_dir) PyErr_Format(PyExc_OSError, "cannot create the KV cache file in %s", c.kv_dir);
+        else PyErr_NoMemory();
         return -1;
     }
     self->max_batch = c.max_batch;
+    self->n_layers = c.n_layers;
     self->max_seq = c.max_seq;
     return 0;
 small:
@@ -142,7 +146,7 @@ static PyObject *Engine_set_tensor(Engine *self, PyObject *args) {
         return NULL;
     }
     if (rc == -3) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return PyBool_FromLong(uses_source);
 }
 
 static PyObject *Engine_check(Engine *self, PyObject *noargs) {
@@ -205,9 +209,19 @@ static PyObject *Engine_logits(Engine *self, PyObject *args) {
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+static PyObject *Engine_residual_hashes(Engine *self, PyObject *noargs) {
+    NEED_ENGINE(self);
+    const uint64_t *h = engine_residual_hashes(self->e);
+    if (!h) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)h, (Py_ssize_t)(sizeof(uint64_t) * 2 * self->n_layers));
+}
+
 static PyMethodDef Engine_methods[] = {
+    {"residual_hashes", (PyCFunction)Engine_residual_hashes, METH_NOARGS,
+     "bytes: u64 hash of the residual stream after each sync step of the last forward (check_residual), or None"},
     {"set_tensor", (PyCFunction)Engine_set_tensor, METH_VARARGS,
-     "set_tensor(layer, slot, expert, buffer, offset, type, rows, cols, row_stride); layer -1: global slots"},
+     "set_tensor(layer, slot, expert, buffer, offset, type, rows, cols, row_stride) -> reads the buffer in place; "
+     "layer -1: global slots"},
     {"check", (PyCFunction)Engine_check, METH_NOARGS, "raise ValueError unless every tensor the graph reads is set"},
     {"set_comm", (PyCFunction)Engine_set_comm, METH_O, "set_comm(obj with a dllama.comm capsule, or None)"},
     {"forward", (PyCFunction)Engine_forward, METH_VARARGS, "forward(pos, T): every layer; CommError on a peer failure"},
@@ -251,6 +265,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     PyModule_AddObject(m, "GLOBAL_SLOTS", names(GLOBAL_SLOT_NAMES, N_GLOBAL_SLOTS));
     PyModule_AddIntConstant(m, "SYNC_Q80", SYNC_Q80);
     PyModule_AddIntConstant(m, "SYNC_F32", SYNC_F32);
+    PyModule_AddIntConstant(m, "SYNC_F16", SYNC_F16);
     PyModule_AddIntConstant(m, "SIMD_SCALAR", SIMD_SCALAR);
     PyModule_AddIntConstant(m, "SIMD_NEON", SIMD_NEON);
     PyModule_AddIntConstant(m, "SIMD_AVX2", SIMD_AVX2);

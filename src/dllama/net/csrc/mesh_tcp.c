@@ -253,7 +253,19 @@ static PyObject *TcpMesh_get_capsule(TcpMesh *self, void *closure) {
     return self->capsule;
 }
 
+static PyObject *TcpMesh_set_timeout(TcpMesh *self, PyObject *arg) {
+    const long ms = PyLong_AsLong(arg);
+    if (ms == -1 && PyErr_Occurred()) return NULL;
+    if (!self->m || ms < 1 || ms > 86400000L) {
+        PyErr_SetString(PyExc_ValueError, "set_timeout: 1 ms .. 1 day");
+        return NULL;
+    }
+    self->m->timeout_ms = (int)ms;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef TcpMesh_methods[] = {
+    {"set_timeout", (PyCFunction)TcpMesh_set_timeout, METH_O, "set_timeout(ms): longest wait for a peer's frame"},
     {"counters", (PyCFunction)TcpMesh_counters, METH_NOARGS,
      "(seconds waited, bytes sent, bytes received) since creation, as counted at the socket calls"},
     {NULL, NULL, 0, NULL},
@@ -290,5 +302,6 @@ PyMODINIT_FUNC PyInit__mesh(void) {
     PyModule_AddIntConstant(m, "BADFRAME", COMM_BADFRAME);
     PyModule_AddIntConstant(m, "SOCKERR", COMM_SOCKERR);
     PyModule_AddIntConstant(m, "PEER_ERROR", COMM_PEER_ERROR);
+    PyModule_AddIntConstant(m, "NONFINITE", COMM_NONFINITE);
     return m;
 }

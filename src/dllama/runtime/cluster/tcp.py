@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -24,8 +25,10 @@ from dllama.net.conn import Conn
 from dllama.net.mesh import Counters, Mesh, NodeFailure
 from dllama.split.plan import SplitPlan
 
-DATA_TIMEOUT = 60.0
+DATA_TIMEOUT = 60.0  # the first steps (pages of weights still coming in from disk)
 READY_TIMEOUT = 600.0  # loading a big slice from disk can take a while
+# later steps: a peer is declared failed after STEP_MARGIN x the measured time per token x T, at least MIN_STEP_TIMEOUT
+STEP_MARGIN, MIN_STEP_TIMEOUT = 20.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class Settings:
     max_batch: int
     sync: str
     secret: str | None
+    check_residual: bool = False
+    weight_bytes: tuple[int, ...] = ()  # exact bytes of each node's slice, so a worker can refuse before allocating
+    kv_storage: str = "ram"
 
 
 class TcpCluster:
@@ -43,6 +49,9 @@ class TcpCluster:
         self.broken: str | None = None
         self.wait_s = 0.0  # blocked outside the C mesh: sending FORWARD, waiting for the workers' logits
         self.full_logits = np.empty(plan.cfg.vocab_size, dtype=np.float32)  # [vocab]
+        self.check_residual = False
+        self.per_token_s: float | None = None  # measured step time per token (moving average)
+        self.lock = threading.Lock()  # held during a step: probe() must not read the links meanwhile
         engine.set_comm(mesh)
 
     # ---------------- setup ----------------
@@ -60,7 +69,9 @@ class TcpCluster:
                 except DllamaError as e:
                     raise DllamaError(f"{conn.name}: {e}") from None
             _setup(conns, hashes, plan, model, settings, log)
-            return cls(conns, plan, engine, Mesh(0, dict(enumerate(conns, 1)), DATA_TIMEOUT))
+            cluster = cls(conns, plan, engine, Mesh(0, dict(enumerate(conns, 1)), DATA_TIMEOUT))
+            cluster.check_residual = settings.check_residual
+            return cluster
         except BaseException:
             for c in conns:
                 c.close()
@@ -70,22 +81,66 @@ class TcpCluster:
     def step(self, pos: int, T: int, emb_type: int, rows: bytes, want: int) -> np.ndarray | None:
         if self.broken:
             raise DllamaError(f"cluster unavailable: {self.broken}")
-        try:
-            t0 = time.perf_counter()
-            msg = M.Forward(pos, T, emb_type, want, rows)
-            for c in self.conns:
-                P.send(c, msg)
-            self.wait_s += time.perf_counter() - t0
+        with self.lock:
             try:
-                self.engine.forward(pos, T)
-            except CommError as e:
-                raise self.mesh.failure(e.args) from None
-            if want == M.LOGITS_NONE:
-                return None
-            return self._logits(T, want)
-        except (NodeFailure, DllamaError) as err:
-            self.broken = str(err)
-            raise DllamaError(f"worker failure: {err}") from None
+                t0 = time.perf_counter()
+                if self.per_token_s is not None:
+                    self.mesh.set_timeout(max(MIN_STEP_TIMEOUT, STEP_MARGIN * self.per_token_s * T))
+                msg = M.Forward(pos, T, emb_type, want, rows)
+                for c in self.conns:
+                    P.send(c, msg)
+                self.wait_s += time.perf_counter() - t0
+                try:
+                    self.engine.forward(pos, T)
+                except CommError as e:
+                    raise self.mesh.failure(e.args) from None
+                if self.check_residual:
+                    self._compare_residuals()
+                out = None if want == M.LOGITS_NONE else self._logits(T, want)
+            except (NodeFailure, DllamaError) as err:
+                self.broken = str(err)
+                self._drop()  # the other workers see the root go and free themselves at once
+                raise DllamaError(f"worker failure: {err}") from None
+            dt = (time.perf_counter() - t0) / T
+            self.per_token_s = dt if self.per_token_s is None else 0.8 * self.per_token_s + 0.2 * dt
+            return out
+
+    def _compare_residuals(self) -> None:
+        """Debug check: every worker's residual stream after each block must equal the root's, bit for bit."""
+        own = self.engine.residual_hashes()
+        L = self.plan.cfg.n_layers
+        for conn in self.conns:
+            got = P.recv(conn, M.Residual, n_layers=L).hashes
+            if got != own:
+                step = next(i for i in range(2 * L) if got[8 * i : 8 * i + 8] != own[8 * i : 8 * i + 8])
+                block = "attention" if step % 2 == 0 else "feed-forward"
+                raise DllamaError(f"the residual stream of {conn.name} differs from the root's after the {block} "
+                                  f"block of layer {step // 2}")  # fmt: skip
+
+    def probe(self) -> bool:
+        """While idle: False (and broken set) if a worker's link has closed or it sent something unasked."""
+        if self.broken or not self.lock.acquire(blocking=False):
+            return not self.broken
+        try:
+            for c in self.conns:
+                if not c.readable_now():
+                    continue
+                try:
+                    closed = c.sock.recv(1, socket.MSG_PEEK) == b""
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    closed = True
+                self.broken = f"{c.name} {'disconnected' if closed else 'sent an unexpected message'}"
+                self._drop()
+                return False
+            return True
+        finally:
+            self.lock.release()
+
+    def _drop(self) -> None:
+        for c in self.conns:
+            c.close()
 
     def _logits(self, T: int, want: int) -> np.ndarray:
         out, share = self.full_logits, self.plan.nodes[0]
@@ -99,9 +154,13 @@ class TcpCluster:
             got = P.recv(conn, M.Logits, mode=want, vocab=(v0, v1))
             if got.best is not None:
                 if v1 > v0:
+                    if not np.isfinite(got.best[0]):
+                        raise NodeFailure(i, f"{conn.name} sent a non-finite logit ({got.best[0]})")
                     out[got.best[1]] = got.best[0]
             else:
                 out[v0:v1] = np.frombuffer(got.values, dtype=np.float32)
+                if not np.isfinite(out[v0:v1]).all():
+                    raise NodeFailure(i, f"{conn.name} sent NaN or infinite logits")
         self.wait_s += time.perf_counter() - t0
         return out
 
@@ -131,7 +190,8 @@ def _setup(conns: list[Conn], hashes: list[bytes], plan: SplitPlan, model: GGUFM
     for i, conn in enumerate(conns, 1):
         local = hashes[i - 1] == model_hash != zero
         setup = M.Setup(plan.cfg, plan.weights, plan.nodes, i, s.max_seq, s.max_batch, s.sync, peers, session_id,
-                        local, model_hash)  # fmt: skip
+                        local, model_hash, s.check_residual, s.weight_bytes[i] if s.weight_bytes else 0,
+                        s.kv_storage)  # fmt: skip
         raw = setup.encode()
         conn.sendall(P.header(M.SETUP, len(raw)) + raw)
         sent.append((hashlib.sha256(raw).digest(), local))
@@ -167,6 +227,7 @@ def _ship_weights(targets: list[tuple[Conn, int]], plan: SplitPlan, model: GGUFM
                 head = M.TensorHead(p.layer, slot_of(p), p.expert, v.type, v.rows, v.cols).encode()
                 conn.sendall(P.header(M.TENSOR, len(head) + v.nbytes) + head)
                 conn.sendall(v.contiguous())
+                model.release(v)  # the root holds none of a worker's slice
                 with lock:
                     bar.update(v.nbytes)
         except (DllamaError, OSError) as e:

@@ -1,4 +1,4 @@
-"""One model, one Session, one generation thread.
+"""One model, one Session (the runtime's), one generation thread.
 
 The KV cache holds one conversation at a time, so requests queue here and run one after another (FIFO);
 a follow-up request that extends the previous conversation only computes its new tokens (Session.prefill
@@ -12,8 +12,12 @@ import queue
 import sys
 import threading
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from dllama.api.responses import TokenLogprob, Usage
 from dllama.runtime.stats import Stats
 from dllama.sampling.sampler import Sampler
 from dllama.service import Runtime
@@ -49,11 +53,36 @@ class StopFilter:
         return out
 
 
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens served from the KV cache (prefix reuse)
+class ScoringSampler:
+    """Wraps a Sampler: adds the logit bias, and records for every token it picks the log-probabilities
+    (log-softmax of the raw logits, before bias and temperature, as OpenAI reports them) of that token and
+    of the `top` most likely ones."""
+
+    needs_full_logits = True  # the Session must not reduce the logits to their argmax for this sampler
+
+    def __init__(self, inner: Sampler, top: int | None, bias: dict[int, float]):
+        self.inner, self.top, self.bias = inner, top, bias
+        self.temperature, self.top_p = inner.temperature, inner.top_p
+        self.records: deque[tuple[int, float, np.ndarray, np.ndarray]] = deque()
+
+    def __call__(self, logits: np.ndarray) -> int:
+        biased = logits
+        if self.bias:
+            biased = logits.astype(np.float32, copy=True)
+            ids = np.fromiter(self.bias, dtype=np.int64)
+            ok = ids < len(biased)  # ids past the vocabulary bias nothing
+            biased[ids[ok]] += np.fromiter(self.bias.values(), dtype=np.float32)[ok]
+        tok = self.inner(biased)
+        if self.top is not None:
+            z = logits.astype(np.float64)
+            z -= z.max()
+            # -inf (a masked logit) is no JSON number: floor at -9999, as OpenAI reports the impossible
+            lp = np.maximum(z - np.log(np.exp(z).sum()), -9999.0)
+            k = self.top
+            best = np.argpartition(-lp, k - 1)[:k] if 0 < k < len(lp) else np.arange(len(lp) if k else 0)
+            best = best[np.argsort(-lp[best], kind="stable")]
+            self.records.append((tok, float(lp[tok]), best, lp[best]))
+        return tok
 
 
 class JobError(Exception):
@@ -64,12 +93,12 @@ class JobError(Exception):
 
 @dataclass
 class Job:
-    """One generation request. The worker thread puts events on `events` (an asyncio.Queue of the loop
-    that submitted it): ("start", None) once the prompt is in the cache, ("text", str) deltas, then
-    ("done", (finish_reason, Usage)) or ("error", JobError)."""
+    """One generation request. The generation thread puts events on `events` (an asyncio.Queue of the
+    loop that submitted it): ("start", None) once the prompt is in the cache, ("text", (str,
+    [TokenLogprob])) deltas, then ("done", (finish_reason, Usage)) or ("error", JobError)."""
 
     ids: list[int]
-    sampler: Sampler
+    sampler: Sampler | ScoringSampler
     max_tokens: int
     stops: list[str]
     loop: asyncio.AbstractEventLoop
@@ -83,16 +112,21 @@ class Job:
             self.cancelled.set()
 
 
-class Engine:
+class Generator:
+    """The generation queue and its thread."""
+
     def __init__(self, rt: Runtime, log=None):
         self.rt = rt
         self.session = rt.session
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dllama-generate", daemon=True)
         self._thread.start()
 
-    def submit(self, ids: list[int], sampler: Sampler, max_tokens: int, stops: list[str]) -> Job:
+    def submit(self, ids: list[int], sampler, max_tokens: int, stops: list[str]) -> Job:
+        if self._closing.is_set():
+            raise JobError(503, "the server is shutting down")
         job = Job(ids, sampler, max_tokens, stops, asyncio.get_running_loop())
         self._jobs.put(job)
         return job
@@ -105,13 +139,22 @@ class Engine:
     def queued(self) -> int:
         return self._jobs.qsize()
 
+    def stop(self) -> None:
+        """Shutting down: the running generation ends at its next token, queued ones are refused. Safe to
+        call from a signal handler (it only sets a flag)."""
+        self._closing.set()
+
     def close(self) -> None:
+        self.stop()
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             if job.cancelled.is_set():  # its client left while it was queued
+                continue
+            if self._closing.is_set():
+                job.put("error", JobError(503, "the server is shutting down"))
                 continue
             try:
                 self._ensure_cluster()
@@ -134,23 +177,43 @@ class Engine:
         except Exception as e:
             raise JobError(503, f"cluster unavailable (reconnecting failed: {e})") from None
 
+    def _token_logprob(self, record) -> TokenLogprob:
+        tok = self.session.tokenizer
+
+        def text(i: int) -> tuple[str, bytes]:
+            b = tok.token_bytes(int(i))
+            return b.decode("utf-8", errors="replace"), b
+
+        t, lp, best, best_lp = record
+        return TokenLogprob(*text(t), lp, [(*text(i), float(v)) for i, v in zip(best, best_lp, strict=True)])
+
     def _generate(self, job: Job) -> None:
         s = self.session
         tok = s.tokenizer
         s.stats.clear()
         dec = tok.stream_decoder()
         stops = StopFilter(job.stops)
+        scoring = job.sampler if getattr(job.sampler, "top", None) is not None else None
+        pending: list[TokenLogprob] = []  # logprobs of the tokens whose text has not been sent yet
         n, hit, started = 0, False, False
-        gen = s.generate(job.ids, job.sampler, job.max_tokens, tok.stop_ids, should_stop=job.cancelled.is_set)
+
+        def should_stop() -> bool:
+            return job.cancelled.is_set() or self._closing.is_set()
+
+        gen = s.generate(job.ids, job.sampler, job.max_tokens, tok.stop_ids, should_stop=should_stop)
         try:
             for t in gen:
                 if not started:
                     job.put("start")
                     started = True
                 n += 1
+                if scoring is not None:  # the sampler has just picked t: its record is the last one
+                    pending.append(self._token_logprob(scoring.records.pop()))
+                    scoring.records.clear()
                 text, hit = stops.push(dec.push(t))
                 if text:
-                    job.put("text", text)
+                    job.put("text", (text, pending))
+                    pending = []
                 if hit:
                     break
         finally:
@@ -160,10 +223,10 @@ class Engine:
         if not hit:
             text, hit = stops.push(dec.flush())
             text += "" if hit else stops.flush()
-            if text:
-                job.put("text", text)
+            if text or pending:
+                job.put("text", (text, pending))
         finish = "stop" if hit or s.finish_reason == "stop" else "length"
-        if s.finish_reason == "cancelled" or job.cancelled.is_set():
+        if s.finish_reason == "cancelled" or should_stop():
             finish = "cancelled"
         usage = Usage(len(job.ids), n, s.reused)
         job.put("done", (finish, usage))
