@@ -57,7 +57,9 @@ def main() -> int:
     print("| nodes | sync | perplexity | +/- | vs first row | tokens/s |")
     print("|---:|---|---:|---:|---:|---:|")
     for n, sync, est, tps in rows:
-        print(f"| {n} | {sync} | {est.ppl:.4f} | {est.err:.4f} | {100 * (est.ppl / base - 1):+.2f} % | {tps:.1f} |")
+        print(
+            f"| {n} | {sync} | {est.ppl:.4f} | {est.err:.4f} | {100 * (est.ppl / base - 1):+.2f} % | {tps:.1f} |"
+        )
     return 0
 
 

@@ -53,7 +53,9 @@ def test_m_model_without_tokenizer_is_a_clear_error(tmp_path):
 def test_m_model_with_a_json_tokenizer_is_a_clear_error(tmp_path):
     m = tmp_path / "dllama_model_x.m"
     m.write_bytes(b"\0" * 64)
-    r = dllama("inference", "--model", str(m), "--tokenizer", str(tmp_path / "tokenizer.json"), "--prompt", "hi")
+    r = dllama(
+        "inference", "--model", str(m), "--tokenizer", str(tmp_path / "tokenizer.json"), "--prompt", "hi"
+    )
     assert_one_line_error(r, ".t")
 
 
@@ -145,7 +147,9 @@ def test_tokenizer_json_with_ids_past_the_vocabulary(tmp_path):
 def test_not_a_tokenizer_json(tmp_path):
     p = tmp_path / "tokenizer.json"
     p.write_text(json.dumps({"hello": 1}))
-    assert_one_line_error(dllama("inference", "--tokenizer", str(p), "--prompt", "hi"), "not a tokenizer.json")
+    assert_one_line_error(
+        dllama("inference", "--tokenizer", str(p), "--prompt", "hi"), "not a tokenizer.json"
+    )
     assert_one_line_error(dllama("inference", "--tokenizer", str(tmp_path / "no.json"), "--prompt", "hi"),
                           "not found")  # fmt: skip
 
@@ -176,7 +180,9 @@ def expected(name: str, bos: str, eos: str) -> str:
         return (f"<|system|>\nBe brief.{eos}\n<|user|>\nHi{eos}\n<|assistant|>\nHello!{eos}\n"
                 f"<|user|>\nCapital of France?{eos}\n<|assistant|>\n")  # fmt: skip
     if name == "deepseek3":
-        return f"{bos}Be brief.<｜User｜>Hi<｜Assistant｜>Hello!{eos}<｜User｜>Capital of France?<｜Assistant｜>"
+        return (
+            f"{bos}Be brief.<｜User｜>Hi<｜Assistant｜>Hello!{eos}<｜User｜>Capital of France?<｜Assistant｜>"
+        )
     raise AssertionError(name)
 
 
@@ -202,7 +208,9 @@ def test_chat_template_file(tmp_path):
 
 
 def test_bad_chat_templates(tmp_path):
-    assert_one_line_error(dllama("inference", "--chat-template", "nosuch", "--prompt", "hi"), "nosuch", "llama3")
+    assert_one_line_error(
+        dllama("inference", "--chat-template", "nosuch", "--prompt", "hi"), "nosuch", "llama3"
+    )
     p = tmp_path / "broken.jinja"
     p.write_text("{% for m in messages %}")
     assert_one_line_error(dllama("chat", "--chat-template", str(p)), "--chat-template", "broken.jinja")
@@ -215,7 +223,9 @@ def test_bad_chat_templates(tmp_path):
 
 
 def test_dllama_api_entry_point():
-    section = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[|\Z)", (ROOT / "pyproject.toml").read_text(), re.M | re.S)
+    section = re.search(
+        r"^\[project\.scripts\]\n(.*?)(?=^\[|\Z)", (ROOT / "pyproject.toml").read_text(), re.M | re.S
+    )
     assert section and 'dllama-api = "dllama.cli.dllama_api:main"' in section.group(1).splitlines()
     r = dllama("--help", module="dllama.cli.dllama_api")
     assert r.returncode == 0, r.stderr

@@ -30,7 +30,9 @@ CTX = 128
 CHUNKS = 4  # 4 x 63 = 252 scored tokens: enough to compare, quick on 2 shared cores
 
 
-def reference_ppl(model, tokens: list[int], n_ctx: int, n_chunks: int, bos: int | None) -> tuple[float, float]:
+def reference_ppl(
+    model, tokens: list[int], n_ctx: int, n_chunks: int, bos: int | None
+) -> tuple[float, float]:
     """llama.cpp's perplexity (and its +/-) from transformers' logits, one forward pass per chunk."""
     nll = []
     for c in range(n_chunks):
@@ -77,7 +79,9 @@ def test_text_is_long_enough():
 
 def test_f32_matches_transformers(hf, f32_one_node):
     est, tokens, bos = f32_one_node
-    assert bos is None  # SmolLM2's GGUF says add_bos_token = false: llama.cpp neither adds nor substitutes BOS
+    assert (
+        bos is None
+    )  # SmolLM2's GGUF says add_bos_token = false: llama.cpp neither adds nor substitutes BOS
     ref, ref_err = reference_ppl(hf, tokens, CTX, CHUNKS, None)
     assert est.count == CHUNKS * (CTX - CTX // 2 - 1)
     assert est.ppl == pytest.approx(ref, rel=1e-3), (est.ppl, ref)
@@ -115,7 +119,9 @@ def test_running_values_and_chunk_count(default_model):
         seen = list(evaluate(rt.root.run, plan, batch=8))
     assert len(tokens) // 32 > 3 and plan.n_chunks == 3
     assert [(i, e.count) for i, e in seen] == [(1, 15), (2, 30), (3, 45)]
-    assert make_plan(tokens, 32, None).n_chunks == len(tokens) // 32  # the tail that does not fill a chunk is dropped
+    assert (
+        make_plan(tokens, 32, None).n_chunks == len(tokens) // 32
+    )  # the tail that does not fill a chunk is dropped
 
 
 def test_text_too_short_is_a_clear_error():

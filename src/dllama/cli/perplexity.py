@@ -17,7 +17,9 @@ DEFAULT_CTX = 512  # the context size llama.cpp's published perplexities use
 
 
 def register(sub) -> None:
-    p = sub.add_parser("perplexity", help="perplexity of a text file (the value llama.cpp's llama-perplexity gives)")
+    p = sub.add_parser(
+        "perplexity", help="perplexity of a text file (the value llama.cpp's llama-perplexity gives)"
+    )
     options.add_model_args(p)
     options.add_cluster_args(p)
     p.add_argument("--file", required=True, help="the text (UTF-8)")
