@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordLevel
@@ -233,3 +234,50 @@ def test_dllama_api_entry_point():
     # the original's dllama-api command line, with a .m model and no tokenizer: the same clear error as `dllama api`
     r = dllama("--model", "x.m", "--port", "0", module="dllama.cli.dllama_api")
     assert_one_line_error(r, "--tokenizer")
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer_gguf(tmp_path_factory):
+    """A small synthetic model with every tokenizer.* key removed (as some hand-made GGUFs come)."""
+    import gguf
+
+    from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+
+    d = tmp_path_factory.mktemp("notok")
+    src = write_synthetic_gguf(str(d / "src.gguf"), **SHAPES["tiny"], weight_type="f32", seed=1)
+    r = gguf.GGUFReader(src)
+    out = str(d / "notok.gguf")
+    w = gguf.GGUFWriter(out, r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith(("GGUF.", "general.architecture", "tokenizer.")):
+            continue
+        vtype = gguf.GGUFValueType(f.types[0])
+        sub = gguf.GGUFValueType(f.types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed([int(s) for s in t.shape])),
+                     raw_dtype=t.tensor_type)  # fmt: skip
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_gguf_without_tokenizer_takes_facts_from_tokenizer_config(no_tokenizer_gguf, tmp_path):
+    with pytest.raises(DllamaError, match="tokenizer.json"):
+        Runtime(RuntimeConfig(model=no_tokenizer_gguf, nthreads=1, max_seq=32))
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, "<|im_end|>": 3, "hello": 10, "world": 11}
+    path = word_level_json(tmp_path / "tokenizer.json", vocab)
+    tok = HFTokenizer.from_file(str(path))
+    tok.add_special_tokens(["<s>", "</s>", "<|im_end|>"])
+    tok.save(str(path))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": {"content": "</s>"}, "add_bos_token": True, "chat_template": "{{ 'x' }}"}))  # fmt: skip
+    with Runtime(RuntimeConfig(model=no_tokenizer_gguf, tokenizer=str(path), nthreads=1, max_seq=32)) as rt:
+        t = rt.tokenizer
+        assert (t.bos_id, t.eos_id, t.add_bos, t.chat_template) == (1, 2, True, "{{ 'x' }}")
+        assert t.stop_ids == {2, 3}
+        assert t.encode("hello world") == [1, 10, 11]
+        logits = rt.root.run(t.encode("hello world"), 0).logits
+        assert logits.shape == (512,) and np.isfinite(logits).all()
