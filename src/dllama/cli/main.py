@@ -8,7 +8,7 @@ import sys
 from dllama import __version__
 from dllama.errors import DllamaError
 
-COMMANDS = ("inference", "convert", "worker", "chat", "api", "download", "models")
+COMMANDS = ("inference", "perplexity", "convert", "worker", "chat", "api", "download", "models")
 
 
 class Parser(argparse.ArgumentParser):

@@ -69,6 +69,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-seq-len", type=positive_int, help="context size / KV cache length (default: the model's)"
     )
+    p.add_argument(
+        "--tokenizer",
+        metavar="FILE",
+        help="a Distributed Llama .t file (needed with a .m model), or a tokenizer.json replacing the GGUF's own",
+    )
+    p.add_argument(
+        "--chat-template",
+        metavar="NAME|FILE",
+        help="replace the model's chat template: chatml, llama2, llama3, zephyr, qwen3, deepseek3 or a Jinja file",
+    )
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
