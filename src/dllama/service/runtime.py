@@ -35,6 +35,8 @@ class RuntimeConfig:
     tokenizer: str | None = None  # a `.t` file (with a `.m` model) or a tokenizer.json replacing the GGUF's own
     chat_template: str | None = None  # a built-in name or a Jinja file replacing the model's template
     max_batch: int | None = None  # tokens per forward pass (default: dllama.runtime.root.DEFAULT_MAX_BATCH)
+    kv_storage: str = "ram"  # "disk": the KV cache in a memory-mapped file
+    kv_dir: str | None = None
 
     @classmethod
     def from_args(cls, args) -> RuntimeConfig:
@@ -42,7 +44,8 @@ class RuntimeConfig:
         return cls(model=g("model"), nthreads=g("nthreads"), max_seq=g("max_seq_len"), workers=tuple(g("workers") or ()),
                    local_workers=g("local_workers", 0) or 0, weights=tuple(g("weights")) if g("weights") else None,
                    sync=g("buffer_float_type", "q80"), secret=g("secret"), tokenizer=g("tokenizer"),
-                   chat_template=g("chat_template"), max_batch=g("batch"))  # fmt: skip
+                   chat_template=g("chat_template"), max_batch=g("batch"), kv_storage=g("kv_cache_storage", "ram") or "ram",
+                   kv_dir=g("kv_cache_dir"))  # fmt: skip
 
 
 def _is_original_model(path: str | None) -> bool:
@@ -61,6 +64,10 @@ def model_path(cfg: RuntimeConfig, log=log) -> str:
         from dllama.model.original_format import ensure_gguf_from_original
 
         return ensure_gguf_from_original(cfg.model, t, log=log)
+    if cfg.model and os.path.isdir(cfg.model):  # a Hugging Face folder: converted once into a cache beside it
+        from dllama.model.hf_convert import ensure_gguf_from_hf
+
+        return str(ensure_gguf_from_hf(cfg.model))
     if t and t.lower().endswith(".t"):
         raise DllamaError(f"--tokenizer {t}: a .t tokenizer goes with a .m model (a GGUF carries its own "
                           f"tokenizer; to replace it give a tokenizer.json)")  # fmt: skip
@@ -176,7 +183,7 @@ class Runtime:
         try:
             self.root = Root(model, nthreads=self.nthreads, max_seq=cfg.max_seq, workers=workers,
                              weights=list(cfg.weights) if cfg.weights else None, sync=cfg.sync, secret=secret, log=log,
-                             max_batch=cfg.max_batch or DEFAULT_MAX_BATCH)  # fmt: skip
+                             max_batch=cfg.max_batch or DEFAULT_MAX_BATCH, kv_storage=cfg.kv_storage, kv_dir=cfg.kv_dir)  # fmt: skip
         except BaseException:
             if self.local:
                 self.local.close()
