@@ -63,7 +63,7 @@ def test_split_across_nodes_gives_the_single_node_logits(models, workers, name, 
     expect = per_position(Root(m, nthreads=1, max_seq=32, **QUIET), IDS)
     ws = workers(n - 1)
     with Root(m, nthreads=1, max_seq=32, workers=[w.address for w in ws], secret="test-secret", sync="f32",
-              weights=weights, **QUIET) as r:  # fmt: skip
+              split_weights=weights, **QUIET) as r:  # fmt: skip
         shares = [(s.n_kv_heads, s.hidden) for s in r.plan.nodes]
         got = per_position(r, IDS)
     print(f"{name} on {n} nodes {weights}: shares {shares}, max diff {np.abs(got - expect).max():.2e}")

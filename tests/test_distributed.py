@@ -54,7 +54,7 @@ def test_synthetic_8kv_exact_for_any_node_count_and_weighted_split(tiny8, worker
     ids = [5, 300, 17, 256, 99, 1000, 42, 7]
     ref = logits_per_position(Root(m, nthreads=1, max_seq=64, **QUIET), ids)
     ws = workers(n - 1)
-    with cluster(m, [w.address for w in ws], sync="f32", weights=weights) as r:
+    with cluster(m, [w.address for w in ws], sync="f32", split_weights=weights) as r:
         shares = [(x.n_kv_heads, x.hidden) for x in r.plan.nodes]
         got = logits_per_position(r, ids)
     print(

@@ -127,7 +127,7 @@ def authenticated(w) -> socket.socket:
 
 def setup_payload(model, **over) -> bytes:
     plan = SplitPlan.make(model.config, 2)
-    msg = json.loads(M.Setup(plan.cfg, plan.weights, plan.nodes, 1, 32, 4, "q80", ("root", "x:1"), os.urandom(16),
+    msg = json.loads(M.Setup(plan.cfg, plan.split_weights, plan.nodes, 1, 32, 4, "q80", ("root", "x:1"), os.urandom(16),
                              False, bytes(32)).encode())  # fmt: skip
     msg.update(over)
     return json.dumps(msg).encode()

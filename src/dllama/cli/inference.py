@@ -32,7 +32,7 @@ def dry_run(args) -> int:
 
     model = GGUFModel(model_path(RuntimeConfig.from_args(args)))
     workers = list(args.workers) + [f"local:{i}" for i in range(args.local_workers)]
-    root = Root(model, nthreads=args.nthreads or 1, max_seq=args.max_seq_len, workers=workers, weights=args.weights,
+    root = Root(model, nthreads=args.nthreads or 1, max_seq=args.max_seq_len, workers=workers, split_weights=args.weights,
                 sync=args.buffer_float_type, kv_storage=args.kv_cache_storage, kv_dir=args.kv_cache_dir,
                 dry_run=True)  # fmt: skip
     print(root.describe())

@@ -298,7 +298,7 @@ class Setup(Message):
 
     TYPE, LIMIT = SETUP, 1 << 20
     config: ModelConfig
-    weights: tuple[float, ...]
+    split_weights: tuple[float, ...]
     nodes: tuple[NodeShare, ...]
     index: int
     max_seq: int
@@ -314,7 +314,7 @@ class Setup(Message):
 
     @property
     def plan(self) -> SplitPlan:
-        return SplitPlan(self.config, self.weights, self.nodes)
+        return SplitPlan(self.config, self.split_weights, self.nodes)
 
     @property
     def share(self) -> NodeShare:
@@ -322,7 +322,7 @@ class Setup(Message):
 
     def encode(self) -> bytes:
         obj = {
-            "config": dataclasses.asdict(self.config), "weights": list(self.weights),
+            "config": dataclasses.asdict(self.config), "split_weights": list(self.split_weights),
             "nodes": [[*n.kv_heads, *n.ffn, *n.vocab] for n in self.nodes], "index": self.index,
             "max_seq": self.max_seq, "max_batch": self.max_batch, "sync": self.sync, "peers": list(self.peers),
             "session_id": self.session_id.hex(), "local_weights": self.local_weights, "model_hash": self.model_hash.hex(),
@@ -351,10 +351,10 @@ class Setup(Message):
             nodes.append(NodeShare(i, (k0, k1), (k0 * cfg.group, k1 * cfg.group), (f0, f1), (v0, v1)))
             kv_at, ffn_at, vocab_at = k1, f1, v1
         _check((kv_at, ffn_at, vocab_at) == (cfg.n_kv_heads, rows, cfg.vocab_size), "SETUP: node shares do not cover the model")
-        weights = obj.get("weights")
+        weights = obj.get("split_weights")
         _check(isinstance(weights, list) and len(weights) == len(nodes)
                and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
-                       for w in weights), "SETUP: bad weights")  # fmt: skip
+                       for w in weights), "SETUP: bad split_weights")  # fmt: skip
         _check(_int(obj.get("index"), 1, len(nodes) - 1), "SETUP: bad index")
         _check(_int(obj.get("max_seq"), 2, 1 << 24) and _int(obj.get("max_batch"), 1, 4096), "SETUP: bad max_seq/max_batch")
         peers = obj.get("peers")

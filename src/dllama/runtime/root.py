@@ -43,7 +43,7 @@ class StepResult:
 
 class Root:
     def __init__(self, model: GGUFModel, *, nthreads: int = 1, max_seq: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, workers: list[str] | None = None, weights=None,
+                 max_batch: int = DEFAULT_MAX_BATCH, workers: list[str] | None = None, split_weights=None,
                  sync: str = "q80", secret: str | None = None, check_residual: bool | None = None,
                  kv_storage: str = "ram", kv_dir: str | None = None, dry_run: bool = False, log=None):  # fmt: skip
         self.model = model
@@ -54,7 +54,7 @@ class Root:
             raise DllamaError(f"unknown sync format {sync!r} (q80, f16 or f32)")
         if check_residual is None:  # debug: DLLAMA_CHECK_RESIDUAL=1 makes every node prove its stream is the root's
             check_residual = os.environ.get("DLLAMA_CHECK_RESIDUAL", "") not in ("", "0")
-        self.plan = SplitPlan.make(cfg, 1 + len(self.workers), weights)
+        self.plan = SplitPlan.make(cfg, 1 + len(self.workers), split_weights)
         self.kv_dir = kv_directory(kv_storage, kv_dir)
         requested = min(max_seq or cfg.context_length, cfg.context_length) if max_seq is None else max_seq
         if requested < 2:

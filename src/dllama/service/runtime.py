@@ -29,7 +29,7 @@ class RuntimeConfig:
     max_seq: int | None = None
     workers: tuple[str, ...] = ()
     local_workers: int = 0
-    weights: tuple[float, ...] | None = None  # split weights, root first
+    split_weights: tuple[float, ...] | None = None  # relative share of each node (--weights), root first
     sync: str = "q80"  # format of the partial sums exchanged after each block
     secret: str | None = None  # None: $DLLAMA_SECRET
     tokenizer: str | None = None  # a `.t` file (with a `.m` model) or a tokenizer.json replacing the GGUF's own
@@ -42,7 +42,7 @@ class RuntimeConfig:
     def from_args(cls, args) -> RuntimeConfig:
         g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         return cls(model=g("model"), nthreads=g("nthreads"), max_seq=g("max_seq_len"), workers=tuple(g("workers") or ()),
-                   local_workers=g("local_workers", 0) or 0, weights=tuple(g("weights")) if g("weights") else None,
+                   local_workers=g("local_workers", 0) or 0, split_weights=tuple(g("weights")) if g("weights") else None,
                    sync=g("buffer_float_type", "q80"), secret=g("secret"), tokenizer=g("tokenizer"),
                    chat_template=g("chat_template"), max_batch=g("batch"), kv_storage=g("kv_cache_storage", "ram") or "ram",
                    kv_dir=g("kv_cache_dir"))  # fmt: skip
@@ -182,7 +182,7 @@ class Runtime:
             secret = self.local.secret
         try:
             self.root = Root(model, nthreads=self.nthreads, max_seq=cfg.max_seq, workers=workers,
-                             weights=list(cfg.weights) if cfg.weights else None, sync=cfg.sync, secret=secret, log=log,
+                             split_weights=list(cfg.split_weights) if cfg.split_weights else None, sync=cfg.sync, secret=secret, log=log,
                              max_batch=cfg.max_batch or DEFAULT_MAX_BATCH, kv_storage=cfg.kv_storage, kv_dir=cfg.kv_dir)  # fmt: skip
         except BaseException:
             if self.local:

@@ -92,7 +92,7 @@ class Placement:
 @dataclass(frozen=True)
 class SplitPlan:
     cfg: ModelConfig
-    weights: tuple[float, ...]
+    split_weights: tuple[float, ...]  # relative share of each node (--weights), root first
     nodes: tuple[NodeShare, ...]
 
     @property
@@ -100,14 +100,14 @@ class SplitPlan:
         return len(self.nodes)
 
     @classmethod
-    def make(cls, cfg: ModelConfig, n_nodes: int, weights: list[float] | None = None) -> SplitPlan:
+    def make(cls, cfg: ModelConfig, n_nodes: int, split_weights: list[float] | None = None) -> SplitPlan:
         if n_nodes < 1:
             raise DllamaError("the number of nodes must be >= 1")
         if n_nodes > cfg.n_kv_heads:
             raise DllamaError(
                 f"{n_nodes} nodes but the model has only {cfg.n_kv_heads} KV heads: at most {cfg.n_kv_heads} nodes"
             )
-        weights = list(weights) if weights else [1.0] * n_nodes
+        weights = list(split_weights) if split_weights else [1.0] * n_nodes
         if len(weights) != n_nodes or any(w <= 0 for w in weights):
             raise DllamaError(f"--weights needs {n_nodes} positive numbers (one per node, root first)")
         total_w = sum(weights)
@@ -200,7 +200,7 @@ class SplitPlan:
         lines = ["node  weight  kv heads  q heads  ffn rows  vocab rows  weights MB  KV cache MB  needs MB"]
         for n in self.nodes:
             lines.append(
-                f"{n.index:>4}  {self.weights[n.index] / sum(self.weights):>6.2f}  {n.n_kv_heads:>8}  {n.n_heads:>7}  "
+                f"{n.index:>4}  {self.split_weights[n.index] / sum(self.split_weights):>6.2f}  {n.n_kv_heads:>8}  {n.n_heads:>7}  "
                 f"{n.hidden:>8}  {n.vocab_rows:>10}  {weight_bytes[n.index] / 1e6:>10.1f}  {kv_bytes[n.index] / 1e6:>11.1f}"
                 f"  {need_bytes[n.index] / 1e6:>8.1f}"
             )

@@ -189,7 +189,7 @@ def _setup(conns: list[Conn], hashes: list[bytes], plan: SplitPlan, model: GGUFM
     sent = []
     for i, conn in enumerate(conns, 1):
         local = hashes[i - 1] == model_hash != zero
-        setup = M.Setup(plan.cfg, plan.weights, plan.nodes, i, s.max_seq, s.max_batch, s.sync, peers, session_id,
+        setup = M.Setup(plan.cfg, plan.split_weights, plan.nodes, i, s.max_seq, s.max_batch, s.sync, peers, session_id,
                         local, model_hash, s.check_residual, s.weight_bytes[i] if s.weight_bytes else 0,
                         s.kv_storage)  # fmt: skip
         raw = setup.encode()
