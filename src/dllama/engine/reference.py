@@ -54,19 +54,47 @@ def rope(x: np.ndarray, n_heads: int, head_dim: int, cos: np.ndarray, sin: np.nd
     return out.reshape(-1).astype(np.float32)
 
 
-def attention(q, kc, vc, T: int, pos: int, nh: int, nkv: int, hd: int) -> np.ndarray:
-    """q [T, nh, hd]; kc, vc [nkv, max_seq, hd]; causal: row t sees positions 0..pos+t."""
+KV_TYPES = (QT.F32, QT.F16, QT.Q8_0)  # KV cache row types the C attention reads
+
+
+def kv_quantize(x: np.ndarray, kv_type: int) -> np.ndarray:
+    """float32 cache rows [..., hd] -> raw bytes of kv_type (F16: NumPy's round-to-nearest-even; Q8_0: per 32)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if kv_type == QT.F32:
+        return x.view(np.uint8).reshape(-1)
+    if kv_type == QT.F16:
+        return x.astype(np.float16).view(np.uint8).reshape(-1)
+    if kv_type == QT.Q8_0:
+        return quantize_q80(x.reshape(-1))
+    raise ValueError(f"KV cache type {kv_type} is not F32, F16 or Q8_0")
+
+
+def attention(q, kc, vc, T: int, pos: int, nh: int, nkv: int, hd: int, kv_type: int = QT.F32) -> np.ndarray:
+    """q [T, nh, hd]; causal: row t sees positions 0..pos+t.
+
+    kc, vc: float32 [nkv, max_seq, hd] (F32), or the raw cache bytes of kv_type, dequantized here. With a Q8_0 K
+    cache the query is quantized to Q8_0 first (one row per head), like the C kernel's int8 K.q products."""
+
+    def cache(c):
+        c = np.asarray(c)
+        if c.dtype != np.uint8:
+            return c.astype(np.float64).reshape(nkv, -1, hd)
+        rb = {QT.F32: 4 * hd, QT.F16: 2 * hd, QT.Q8_0: hd // 32 * 34}[kv_type]
+        return dequant(c, kv_type, c.size // rb, hd).astype(np.float64).reshape(nkv, -1, hd)
+
+    K, V = cache(kc), cache(vc)
+    q = np.asarray(q, dtype=np.float32).reshape(T * nh, hd)
+    if kv_type == QT.Q8_0:
+        q = dequant(quantize_q80(q.reshape(-1)), QT.Q8_0, T * nh, hd)
     q = q.reshape(T, nh, hd).astype(np.float64)
     out = np.zeros((T, nh, hd))
     group = nh // nkv
     for t in range(T):
         n = pos + t + 1
-        for h in range(nh):
-            k = kc[h // group, :n].astype(np.float64)
-            v = vc[h // group, :n].astype(np.float64)
-            s = k @ q[t, h] / np.sqrt(hd)
-            p = np.exp(s - s.max())
-            out[t, h] = (p / p.sum()) @ v
+        for g in range(nkv):
+            s = q[t, g * group : (g + 1) * group] @ K[g, :n].T / np.sqrt(hd)  # [group, n]
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            out[t, g * group : (g + 1) * group] = (p / p.sum(axis=1, keepdims=True)) @ V[g, :n]
     return out.reshape(T, nh * hd).astype(np.float32)
 
 

@@ -160,7 +160,15 @@ void matmul(pool *p, const act *a, int njobs, const tensor *w, float *const *y, 
 /* gate/up pair fused with silu: g[t*ldh + r] = silu(Wg[r].x[t]) * (Wu[r].x[t]) */
 void matmul_swiglu(pool *p, const act *a, const tensor *wg, const tensor *wu, float *g, int ldh);
 
-void attention(pool *p, const float *q, const float *kc, const float *vc, float *out, float *scratch,
+/* ---- attention (attention.c) ----
+ * KV cache of one layer: [n_kv_heads][max_seq][row], a row = one head at one position, row_bytes(kv_type, head_dim)
+ * bytes of T_F32, T_F16 or T_Q8_0 (head_dim % 32 == 0). q, out: [T][n_heads][head_dim]; row t sees positions
+ * 0..pos+t. scratch: attention_scratch_floats(pool_size(p), max_seq, head_dim, n_heads, T_max) floats, valid for
+ * any T <= T_max. */
+void kv_store(int kv_type, uint8_t *dst, const float *src, int head_dim); /* write one cache row */
+size_t attention_scratch_floats(int nthreads, int max_seq, int head_dim, int n_heads, int T);
+void attention(pool *p, const float *q, const uint8_t *kc, const uint8_t *vc, int kv_type, float *out, float *scratch,
                int T, int pos, int n_heads, int n_kv_heads, int head_dim, int max_seq);
+
 
 #endif

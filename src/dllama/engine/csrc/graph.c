@@ -41,7 +41,7 @@ struct engine {
     float *hb;         /* [B][hidden] */
     block_q8_0 *xq;    /* [B][maxc/32] quantized activations */
     float *xs, *xd;    /* [B][maxc/32] per-block d*sum(q), d */
-    float *scratch;    /* [nthreads][max_seq] attention scores */
+    float *scratch;    /* attention_scratch_floats() floats */
     float *x, *out, *logits; /* caller's: [B][dim], [B][dim], [vocab] */
     float *router;     /* [B][n_experts] router logits, then probabilities */
     int *route_tok;    /* [n_experts][B] tokens routed to each expert */
@@ -146,7 +146,7 @@ engine *engine_create(const engine_config *cfg, const float *cos_t, const float 
     e->xq = (block_q8_0 *)calloc(B * (maxc / QK), sizeof(block_q8_0));
     e->xs = (float *)calloc(B * (maxc / QK), 4);
     e->xd = (float *)calloc(B * (maxc / QK), 4);
-    e->scratch = (float *)calloc((size_t)c->nthreads * c->max_seq, 4);
+    e->scratch = (float *)calloc(attention_scratch_floats(c->nthreads, c->max_seq, c->head_dim, c->n_heads, c->max_batch), 4);
     int ok = e->lt && e->xt && e->kc && e->vc && e->xb && e->q && e->k && e->v && e->att && e->hb && e->xq && e->xs &&
              e->xd && e->scratch;
     if (c->n_experts) {
@@ -317,7 +317,8 @@ static void run_attn(engine *e, int l, int pos, int T) {
             memcpy(e->vc + dst, e->v + (size_t)t * kd + (size_t)h * hd, sizeof(float) * hd);
         }
     }
-    attention(e->pool, e->q, e->kc + layer_off, e->vc + layer_off, e->att, e->scratch, T, pos, nh, nkv, hd, c->max_seq);
+    attention(e->pool, e->q, (const uint8_t *)(e->kc + layer_off), (const uint8_t *)(e->vc + layer_off), T_F32, e->att,
+              e->scratch, T, pos, nh, nkv, hd, c->max_seq);
     act_prepare(&a, e->att, T, qd, e->xq, e->xs, e->xd, type_is_quant(wo->type));
     float *const yo[1] = {e->out};
     const int ldo[1] = {dim};

@@ -1,5 +1,5 @@
-/* Parallel ops: every op splits its output rows (or attention heads) across the pool's threads, so the
- * threads stream disjoint weight rows and never write the same output. */
+/* Parallel ops: every op splits its output rows across the pool's threads, so the threads stream disjoint
+ * weight rows and never write the same output (attention lives in attention.c). */
 #include <math.h>
 #include <stdlib.h>
 
@@ -145,46 +145,4 @@ static void swiglu_task(void *varg, int chunk, int ith) {
 void matmul_swiglu(pool *p, const act *a, const tensor *wg, const tensor *wu, float *g, int ldh) {
     swiglu_args m = {a, wg, wu, g, ldh, chunk_rows(p, wg->rows)};
     pool_run(p, swiglu_task, &m, (wg->rows + m.ch - 1) / m.ch);
-}
-
-typedef struct {
-    const float *q, *kc, *vc;
-    float *out, *scratch;
-    int T, pos, nh, nkv, hd, max_seq;
-} attn_args;
-
-/* one chunk = one (query row, head) pair; later rows of a prompt batch see longer contexts, so dynamic
- * claiming balances them */
-static void attn_task(void *varg, int i, int ith) {
-    const attn_args *m = (const attn_args *)varg;
-    const int group = m->nh / m->nkv;
-    const float scale = 1.0f / sqrtf((float)m->hd);
-    float *sc = m->scratch + (size_t)ith * m->max_seq; /* [max_seq] scores of this thread */
-    {
-        const int t = i / m->nh, h = i % m->nh, kvh = h / group;
-        const float *qv = m->q + ((size_t)t * m->nh + h) * m->hd;
-        const float *kb = m->kc + (size_t)kvh * m->max_seq * m->hd;
-        const float *vb = m->vc + (size_t)kvh * m->max_seq * m->hd;
-        const int len = m->pos + t + 1;
-        float mx = -INFINITY;
-        for (int s = 0; s < len; s++) {
-            sc[s] = dot_f32(qv, kb + (size_t)s * m->hd, m->hd) * scale;
-            mx = sc[s] > mx ? sc[s] : mx;
-        }
-        float sum = 0.0f;
-        for (int s = 0; s < len; s++) {
-            sc[s] = expf(sc[s] - mx);
-            sum += sc[s];
-        }
-        const float inv = 1.0f / sum;
-        float *o = m->out + ((size_t)t * m->nh + h) * m->hd;
-        memset(o, 0, sizeof(float) * (size_t)m->hd);
-        for (int s = 0; s < len; s++) axpy_f32(o, sc[s] * inv, vb + (size_t)s * m->hd, m->hd);
-    }
-}
-
-void attention(pool *p, const float *q, const float *kc, const float *vc, float *out, float *scratch, int T, int pos,
-               int n_heads, int n_kv_heads, int head_dim, int max_seq) {
-    attn_args m = {q, kc, vc, out, scratch, T, pos, n_heads, n_kv_heads, head_dim, max_seq};
-    pool_run(p, attn_task, &m, T * n_heads);
 }

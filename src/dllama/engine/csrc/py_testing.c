@@ -95,26 +95,54 @@ static PyObject *py_rope(PyObject *self, PyObject *args) {
     return res;
 }
 
-/* attention(q[T,nh,hd], kc[nkv,max_seq,hd], vc, out[T,nh,hd], T, pos, nh, nkv, hd, max_seq, nthreads) */
-
+/* attention(q[T,nh,hd], kc, vc, out[T,nh,hd], T, pos, nh, nkv, hd, max_seq, nthreads, kv_type=F32)
+ * kc, vc: [nkv][max_seq] rows of kv_type, or float32 [nkv][max_seq][hd] caches that are first written row by
+ * row with kv_store (the engine's write path) when kv_type is not F32. */
 static PyObject *py_attention(PyObject *self, PyObject *args) {
     Py_buffer q, kc, vc, out;
-    int T, pos, nh, nkv, hd, max_seq, nthreads;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiii", &q, &kc, &vc, &out, &T, &pos, &nh, &nkv, &hd, &max_seq, &nthreads))
+    int T, pos, nh, nkv, hd, max_seq, nthreads, kv_type = T_F32;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*iiiiiii|i", &q, &kc, &vc, &out, &T, &pos, &nh, &nkv, &hd, &max_seq, &nthreads,
+                          &kv_type))
         return NULL;
     PyObject *res = NULL;
-    const Py_ssize_t qn = (Py_ssize_t)T * nh * hd * 4, kn = (Py_ssize_t)nkv * max_seq * hd * 4;
-    if (nkv < 1 || nh % nkv || q.len != qn || out.len != qn || kc.len != kn || vc.len != kn || pos + T > max_seq) {
+    const size_t rb = row_bytes(kv_type, hd), rows = (size_t)(nkv > 0 ? nkv : 0) * (size_t)(max_seq > 0 ? max_seq : 0);
+    const Py_ssize_t qn = (Py_ssize_t)T * nh * hd * 4, kn = (Py_ssize_t)(rows * rb), fn = (Py_ssize_t)(rows * hd * 4);
+    const int from_f32 = kv_type != T_F32 && kc.len == fn && vc.len == fn;
+    if (kv_type != T_F32 && kv_type != T_F16 && kv_type != T_Q8_0) {
+        PyErr_Format(PyExc_ValueError, "attention: KV cache type %d is not F32, F16 or Q8_0", kv_type);
+    } else if (kv_type == T_Q8_0 && hd % QK) {
+        PyErr_Format(PyExc_ValueError, "attention: a Q8_0 KV cache needs head_dim %% 32 == 0 (got %d)", hd);
+    } else if (T < 1 || pos < 0 || hd < 1 || nkv < 1 || nh % nkv || q.len != qn || out.len != qn ||
+               (!from_f32 && (kc.len != kn || vc.len != kn)) || pos + T > max_seq) {
         PyErr_SetString(PyExc_ValueError, "attention: bad sizes");
     } else {
         pool *p = pool_create(nthreads);
-        float *scratch = (float *)malloc(sizeof(float) * (size_t)pool_size(p) * max_seq);
-        Py_BEGIN_ALLOW_THREADS attention(p, (const float *)q.buf, (const float *)kc.buf, (const float *)vc.buf,
-                                         (float *)out.buf, scratch, T, pos, nh, nkv, hd, max_seq);
-        Py_END_ALLOW_THREADS free(scratch);
+        float *scratch = (float *)malloc(sizeof(float) * attention_scratch_floats(pool_size(p), max_seq, hd, nh, T));
+        uint8_t *kq = NULL, *vq = NULL;
+        const uint8_t *kp = (const uint8_t *)kc.buf, *vp = (const uint8_t *)vc.buf;
+        if (from_f32) {
+            kq = (uint8_t *)malloc(rows * rb);
+            vq = (uint8_t *)malloc(rows * rb);
+        }
+        if (!scratch || (from_f32 && (!kq || !vq))) {
+            PyErr_NoMemory();
+        } else {
+            Py_BEGIN_ALLOW_THREADS if (from_f32) {
+                for (size_t r = 0; r < rows; r++) {
+                    kv_store(kv_type, kq + r * rb, (const float *)kc.buf + r * hd, hd);
+                    kv_store(kv_type, vq + r * rb, (const float *)vc.buf + r * hd, hd);
+                }
+                kp = kq;
+                vp = vq;
+            }
+            attention(p, (const float *)q.buf, kp, vp, kv_type, (float *)out.buf, scratch, T, pos, nh, nkv, hd, max_seq);
+            Py_END_ALLOW_THREADS res = Py_None;
+            Py_INCREF(res);
+        }
+        free(scratch);
+        free(kq);
+        free(vq);
         pool_destroy(p);
-        res = Py_None;
-        Py_INCREF(res);
     }
     PyBuffer_Release(&q);
     PyBuffer_Release(&kc);
@@ -173,7 +201,7 @@ PyMethodDef testing_methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(w, type, rows, cols, stride, x, y, T, nthreads)"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, w, eps, out)"},
     {"rope", py_rope, METH_VARARGS, "rope(x, n_heads, head_dim, cos, sin, neox=False) in place"},
-    {"attention", py_attention, METH_VARARGS, "attention(q, kc, vc, out, T, pos, nh, nkv, hd, max_seq, nthreads)"},
+    {"attention", py_attention, METH_VARARGS, "attention(q, kc, vc, out, T, pos, nh, nkv, hd, max_seq, nthreads, kv_type=0)"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(g, u): g = silu(g) * u"},
     {"set_simd", py_set_simd, METH_VARARGS, "set_simd(level) -> previous level"},
     {"simd_info", py_simd_info, METH_NOARGS, "active and best SIMD level"},
