@@ -140,3 +140,25 @@ def test_local_workers_die_with_a_killed_root():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+@pytest.mark.parametrize("kv_type,tol", [("f16", 0.03), ("q8_0", 1.0)])  # measured max 0.023 and 0.78
+def test_kv_cache_types_stay_close_to_f32(default_f32, workers, kv_type, tol):
+    """f16 halves the cache, q8_0 nearly quarters it; on the default model's F32 copy (no activation quantization,
+    which would amplify any difference into ~1 logit of noise) over a 42-token path their logits stay within `tol`
+    of an f32 cache, at 1 and 2 nodes, and the argmax does not move."""
+    m = GGUFModel(default_f32)
+    ids = [1, 504, 3458, 282, 260, 2151, 30] * 6
+
+    def run(kv, workers_=()):
+        with Root(m, nthreads=1, max_seq=128, kv_type=kv, workers=list(workers_), secret="test-secret", sync="f32",
+                  **QUIET) as r:  # fmt: skip
+            return np.array([r.forward(ids[:8], 0).copy()] + [r.forward([t], i).copy() for i, t in enumerate(ids[8:], 8)])
+
+    ref = run("f32")
+    (w,) = workers(1)
+    for label, got in (("1 node", run(kv_type)), ("2 nodes", run(kv_type, [w.address]))):
+        d = np.abs(got - ref).max()
+        print(f"{kv_type} cache, {label}: max |logit diff| vs f32 cache {d:.4f}")
+        assert d < tol
+        assert (got.argmax(axis=1) == ref.argmax(axis=1)).mean() >= 0.95

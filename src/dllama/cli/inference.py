@@ -34,6 +34,7 @@ def dry_run(args) -> int:
     workers = list(args.workers) + [f"local:{i}" for i in range(args.local_workers)]
     root = Root(model, nthreads=args.nthreads or 1, max_seq=args.max_seq_len, workers=workers, split_weights=args.weights,
                 sync=args.buffer_float_type, kv_storage=args.kv_cache_storage, kv_dir=args.kv_cache_dir,
+                kv_type=args.kv_cache_type,
                 dry_run=True)  # fmt: skip
     print(root.describe())
     need = root.memory[0]

@@ -13,6 +13,7 @@ from dllama.engine.rope import rope_tables
 from dllama.model.config import ModelConfig
 from dllama.model.tensor_view import TensorView
 from dllama.model.weight_types import row_bytes
+from dllama.runtime.memory import KV_TYPES
 from dllama.split.plan import NodeShare, Placement
 
 CommError = _kernels.CommError
@@ -40,7 +41,8 @@ def embed_rows(raw: bytes | memoryview | np.ndarray, qtype: int, dim: int, out: 
 
 class Engine:
     def __init__(self, cfg: ModelConfig, share: NodeShare, *, max_seq: int, max_batch: int, nthreads: int,
-                 sync: str = "q80", check_residual: bool = False, kv_dir: str | None = None):  # fmt: skip
+                 sync: str = "q80", check_residual: bool = False, kv_dir: str | None = None,
+                 kv_type: str = "f32"):  # fmt: skip
         self.cfg, self.share = cfg, share
         self.max_seq, self.max_batch = max_seq, max_batch
         self.x = np.zeros((max_batch, cfg.dim), dtype=np.float32)  # residual stream [B, dim]
@@ -52,7 +54,7 @@ class Engine:
             max_seq, max_batch, cfg.norm_eps, cos, sin, nthreads, self.x, self.out, self.logits,
             rope_neox=cfg.rope_neox, qk_norm=cfg.qk_norm, attn_bias=cfg.attn_bias, n_experts=cfg.n_experts,
             n_active=cfg.n_active_experts, norm_topk=cfg.norm_topk, sync=SYNC_FORMATS[sync],
-            check_residual=check_residual, kv_dir=kv_dir,
+            check_residual=check_residual, kv_dir=kv_dir, kv_type=KV_TYPES[kv_type],
         )  # fmt: skip
         self.weight_bytes = 0
 

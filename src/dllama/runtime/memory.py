@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from dllama.errors import DllamaError
 from dllama.model.config import ModelConfig
+from dllama.model.weight_types import row_bytes
 
 RUNTIME_BYTES = 120 << 20  # the interpreter, NumPy, gguf-py, tokenizers, threads: measured ~45-100 MB RSS
 _NO_LIMIT = 1 << 60
@@ -90,8 +91,11 @@ def available_bytes() -> int:
     return avail if cg is None else max(0, min(avail, cg))
 
 
-def kv_cache_bytes(cfg: ModelConfig, n_kv_heads: int, max_seq: int) -> int:
-    return 2 * cfg.n_layers * n_kv_heads * cfg.head_dim * max_seq * 4
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # GGML type of a cached K or V row
+
+
+def kv_cache_bytes(cfg: ModelConfig, n_kv_heads: int, max_seq: int, kv_type: str = "f32") -> int:
+    return 2 * cfg.n_layers * n_kv_heads * max_seq * row_bytes(KV_TYPES[kv_type], cfg.head_dim)
 
 
 def buffer_bytes(cfg: ModelConfig, n_heads: int, n_kv_heads: int, hidden: int, vocab_rows: int, max_seq: int,

@@ -20,6 +20,7 @@ from dllama.runtime.cluster import Cluster
 from dllama.runtime.cluster.local import LocalCluster
 from dllama.runtime.cluster.tcp import Settings, TcpCluster
 from dllama.runtime.memory import (
+    KV_TYPES,
     RUNTIME_BYTES,
     NodeMemory,
     buffer_bytes,
@@ -45,7 +46,8 @@ class Root:
     def __init__(self, model: GGUFModel, *, nthreads: int = 1, max_seq: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, workers: list[str] | None = None, split_weights=None,
                  sync: str = "q80", secret: str | None = None, check_residual: bool | None = None,
-                 kv_storage: str = "ram", kv_dir: str | None = None, dry_run: bool = False, log=None):  # fmt: skip
+                 kv_storage: str = "ram", kv_dir: str | None = None, kv_type: str = "f16", dry_run: bool = False,
+                 log=None):  # fmt: skip
         self.model = model
         self.cfg = cfg = model.config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -56,10 +58,15 @@ class Root:
             check_residual = os.environ.get("DLLAMA_CHECK_RESIDUAL", "") not in ("", "0")
         self.plan = SplitPlan.make(cfg, 1 + len(self.workers), split_weights)
         self.kv_dir = kv_directory(kv_storage, kv_dir)
+        if kv_type not in KV_TYPES:
+            raise DllamaError(f"unknown KV cache type {kv_type!r} (f32, f16 or q8_0)")
+        if kv_type == "q8_0" and cfg.head_dim % 32:
+            raise DllamaError(f"a q8_0 KV cache needs head_dim % 32 == 0 (this model's is {cfg.head_dim}): use f16")
+        self.kv_type = kv_type
         requested = min(max_seq or cfg.context_length, cfg.context_length) if max_seq is None else max_seq
         if requested < 2:
             raise DllamaError("--max-seq-len must be >= 2")
-        per_pos = max(kv_cache_bytes(cfg, n.n_kv_heads, 1) + 4 * cfg.head_dim for n in self.plan.nodes)  # + rope
+        per_pos = max(kv_cache_bytes(cfg, n.n_kv_heads, 1, kv_type) + 4 * cfg.head_dim for n in self.plan.nodes)
         reserve = max(self.plan.node_bytes(n, model) for n in self.plan.nodes) + RUNTIME_BYTES
         if self.kv_dir:  # on disk the cache does not take RAM: only the rope tables count
             per_pos = 4 * cfg.head_dim
@@ -77,7 +84,8 @@ class Root:
         check_fits(self.memory[0], "the root")
         share = self.plan.nodes[0]
         self.engine = Engine(cfg, share, max_seq=self.max_seq, max_batch=self.max_batch, nthreads=nthreads, sync=sync,
-                             check_residual=check_residual and bool(self.workers), kv_dir=self.kv_dir)  # fmt: skip
+                             check_residual=check_residual and bool(self.workers), kv_dir=self.kv_dir,
+                             kv_type=kv_type)  # fmt: skip
         for p in self.plan.placements(share):
             v = self.plan.view(share, p, model)
             # a node holding a slice reads it fastest from its own packed copy (TensorView.packed_copy); whatever
@@ -87,7 +95,7 @@ class Root:
                 model.release(v)
         self.engine.ready()
         self.settings = Settings(self.max_seq, self.max_batch, sync, secret, check_residual and bool(self.workers),
-                                 tuple(m.weights for m in self.memory), kv_storage)  # fmt: skip
+                                 tuple(m.weights for m in self.memory), kv_storage, kv_type)  # fmt: skip
         if self.workers:
             self.reconnect()
         else:
@@ -96,7 +104,7 @@ class Root:
     def node_memory(self, i: int) -> NodeMemory:
         """What node i holds: its slice in the file's weight types, its KV cache, the engine's buffers."""
         n, cfg = self.plan.nodes[i], self.cfg
-        kv = 0 if self.kv_dir else kv_cache_bytes(cfg, n.n_kv_heads, self.max_seq)
+        kv = 0 if self.kv_dir else kv_cache_bytes(cfg, n.n_kv_heads, self.max_seq, self.kv_type)
         return NodeMemory(self.plan.node_bytes(n, self.model), kv,
                           buffer_bytes(cfg, n.n_heads, n.n_kv_heads, n.hidden, n.vocab_rows, self.max_seq,
                                        self.max_batch, self.nthreads))  # fmt: skip

@@ -122,14 +122,14 @@ class WorkerSession:
         # refuse, with the numbers, before allocating anything: the slice's exact bytes come with SETUP
         weights = s.weight_bytes or sum(p.rows * p.cols for p in plan.placements(share))  # else ~1 byte a weight
         kv_dir = kv_directory(s.kv_storage, self.server.kv_dir)
-        kv = 0 if kv_dir else kv_cache_bytes(plan.cfg, share.n_kv_heads, s.max_seq)
+        kv = 0 if kv_dir else kv_cache_bytes(plan.cfg, share.n_kv_heads, s.max_seq, s.kv_type)
         check_fits(NodeMemory(weights, kv,
                               buffer_bytes(plan.cfg, share.n_heads, share.n_kv_heads, share.hidden, share.vocab_rows,
                                            s.max_seq, s.max_batch, self.server.nthreads)),
                    f"worker node {s.index}")  # fmt: skip
         self.server.current_session = self  # peers may connect from now on
         engine = Engine(plan.cfg, share, max_seq=s.max_seq, max_batch=s.max_batch, nthreads=self.server.nthreads,
-                        sync=s.sync, check_residual=s.check_residual, kv_dir=kv_dir)  # fmt: skip
+                        sync=s.sync, check_residual=s.check_residual, kv_dir=kv_dir, kv_type=s.kv_type)  # fmt: skip
         self._load(engine, s)
         self.mesh = Mesh(s.index, self._mesh(s), DATA_TIMEOUT)
         engine.set_comm(self.mesh)

@@ -36,6 +36,7 @@ class RuntimeConfig:
     chat_template: str | None = None  # a built-in name or a Jinja file replacing the model's template
     max_batch: int | None = None  # tokens per forward pass (default: dllama.runtime.root.DEFAULT_MAX_BATCH)
     kv_storage: str = "ram"  # "disk": the KV cache in a memory-mapped file
+    kv_type: str = "f16"  # f32, f16 or q8_0
     kv_dir: str | None = None
 
     @classmethod
@@ -45,7 +46,7 @@ class RuntimeConfig:
                    local_workers=g("local_workers", 0) or 0, split_weights=tuple(g("weights")) if g("weights") else None,
                    sync=g("buffer_float_type", "q80"), secret=g("secret"), tokenizer=g("tokenizer"),
                    chat_template=g("chat_template"), max_batch=g("batch"), kv_storage=g("kv_cache_storage", "ram") or "ram",
-                   kv_dir=g("kv_cache_dir"))  # fmt: skip
+                   kv_dir=g("kv_cache_dir"), kv_type=g("kv_cache_type", "f16") or "f16")  # fmt: skip
 
 
 def _is_original_model(path: str | None) -> bool:
@@ -183,7 +184,8 @@ class Runtime:
         try:
             self.root = Root(model, nthreads=self.nthreads, max_seq=cfg.max_seq, workers=workers,
                              split_weights=list(cfg.split_weights) if cfg.split_weights else None, sync=cfg.sync, secret=secret, log=log,
-                             max_batch=cfg.max_batch or DEFAULT_MAX_BATCH, kv_storage=cfg.kv_storage, kv_dir=cfg.kv_dir)  # fmt: skip
+                             max_batch=cfg.max_batch or DEFAULT_MAX_BATCH, kv_storage=cfg.kv_storage, kv_dir=cfg.kv_dir,
+                             kv_type=cfg.kv_type)  # fmt: skip
         except BaseException:
             if self.local:
                 self.local.close()

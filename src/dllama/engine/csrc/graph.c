@@ -34,7 +34,7 @@ struct engine {
     void **owned;      /* repacked copies this engine allocated */
     int n_owned;
     const float *cos_t, *sin_t; /* [max_seq][hd/2] */
-    float *kc, *vc;    /* [n_layers][nkv][max_seq][hd] */
+    uint8_t *kc, *vc;  /* [n_layers][nkv][max_seq] rows of hd values in kv_type */
     float *xb;         /* [B][dim] normed input */
     float *q, *k, *v;  /* [B][nh*hd], [B][nkv*hd], [B][nkv*hd] */
     float *att;        /* [B][nh*hd] */
@@ -111,20 +111,20 @@ engine *engine_create(const engine_config *cfg, const float *cos_t, const float 
     /* calloc'd KV cache: pages are only backed by memory once a position is written. On disk: a file created and
      * unlinked at once (nothing is left behind, whatever way the process ends), mapped shared, so the kernel can
      * write pages back and drop them instead of keeping them in RAM. */
-    const size_t kv = (size_t)c->n_layers * kd * c->max_seq;
+    const size_t kv = (size_t)c->n_layers * c->n_kv_heads * c->max_seq * row_bytes(c->kv_type, c->head_dim); /* bytes */
     if (c->kv_dir) {
         char path[4096];
         snprintf(path, sizeof path, "%s/dllama-kv-XXXXXX", c->kv_dir);
         const int fd = mkstemp(path);
         if (fd >= 0) {
             unlink(path);
-            e->kv_map_bytes = 2 * 4 * (kv ? kv : 1);
+            e->kv_map_bytes = 2 * (kv ? kv : 1);
             if (ftruncate(fd, (off_t)e->kv_map_bytes) == 0) {
                 void *m = mmap(NULL, e->kv_map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
                 if (m != MAP_FAILED) {
                     e->kv_map = m;
-                    e->kc = (float *)m;
-                    e->vc = (float *)m + (kv ? kv : 1);
+                    e->kc = (uint8_t *)m;
+                    e->vc = (uint8_t *)m + (kv ? kv : 1);
                 }
             }
             close(fd);
@@ -134,8 +134,8 @@ engine *engine_create(const engine_config *cfg, const float *cos_t, const float 
             return NULL;
         }
     } else {
-        e->kc = (float *)calloc(kv ? kv : 1, 4);
-        e->vc = (float *)calloc(kv ? kv : 1, 4);
+        e->kc = (uint8_t *)calloc(kv ? kv : 1, 1);
+        e->vc = (uint8_t *)calloc(kv ? kv : 1, 1);
     }
     e->xb = (float *)calloc(B * c->dim, 4);
     e->q = (float *)calloc(B * (qd ? qd : 1), 4);
@@ -296,7 +296,8 @@ static void run_attn(engine *e, int l, int pos, int T) {
     }
     const float *qn = c->qk_norm ? (const float *)LT(e, l, S_Q_NORM)->data : NULL;
     const float *kn = c->qk_norm ? (const float *)LT(e, l, S_K_NORM)->data : NULL;
-    const size_t layer_off = (size_t)l * nkv * c->max_seq * hd;
+    const size_t rb = row_bytes(c->kv_type, hd);
+    const size_t layer_off = (size_t)l * nkv * c->max_seq * rb; /* bytes */
     for (int t = 0; t < T; t++) {
         const size_t p = (size_t)(pos + t);
         float *qt = e->q + (size_t)t * qd, *kt = e->k + (size_t)t * kd;
@@ -312,12 +313,12 @@ static void run_attn(engine *e, int l, int pos, int T) {
             rope_rows(kt, nkv, hd, e->cos_t + p * half, e->sin_t + p * half);
         }
         for (int h = 0; h < nkv; h++) {
-            const size_t dst = layer_off + ((size_t)h * c->max_seq + p) * hd;
-            memcpy(e->kc + dst, kt + (size_t)h * hd, sizeof(float) * hd);
-            memcpy(e->vc + dst, e->v + (size_t)t * kd + (size_t)h * hd, sizeof(float) * hd);
+            const size_t dst = layer_off + ((size_t)h * c->max_seq + p) * rb;
+            kv_store(c->kv_type, e->kc + dst, kt + (size_t)h * hd, hd);
+            kv_store(c->kv_type, e->vc + dst, e->v + (size_t)t * kd + (size_t)h * hd, hd);
         }
     }
-    attention(e->pool, e->q, (const uint8_t *)(e->kc + layer_off), (const uint8_t *)(e->vc + layer_off), T_F32, e->att,
+    attention(e->pool, e->q, e->kc + layer_off, e->vc + layer_off, c->kv_type, e->att,
               e->scratch, T, pos, nh, nkv, hd, c->max_seq);
     act_prepare(&a, e->att, T, qd, e->xq, e->xs, e->xd, type_is_quant(wo->type));
     float *const yo[1] = {e->out};

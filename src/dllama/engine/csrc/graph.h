@@ -36,6 +36,7 @@ typedef struct {
     int sync; /* SYNC_Q80 / SYNC_F32 / SYNC_F16 */
     int check_residual; /* keep a hash of the residual stream after every block (debug: nodes must agree) */
     const char *kv_dir;  /* non-NULL: the KV cache lives in a memory-mapped file in this directory (unlinked at once) */
+    int kv_type;         /* T_F32, T_F16 or T_Q8_0: the type of a cached K or V row */
 } engine_config;
 
 typedef struct engine engine;

@@ -53,15 +53,15 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"dim", "n_layers", "head_dim", "n_heads", "n_kv_heads", "hidden", "vocab", "max_seq",
                              "max_batch", "norm_eps", "rope_cos", "rope_sin", "nthreads", "x", "out", "logits",
                              "rope_neox", "qk_norm", "attn_bias", "n_experts", "n_active", "norm_topk", "sync",
-                             "check_residual", "kv_dir", NULL};
+                             "check_residual", "kv_dir", "kv_type", NULL};
     engine_config c = {0};
     c.norm_topk = 1;
     PyObject *cos_o, *sin_o, *x_o, *out_o, *logits_o;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiiiifOOiOOO|pppiipipz", kwlist, &c.dim, &c.n_layers, &c.head_dim,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiiiiiiifOOiOOO|pppiipipzi", kwlist, &c.dim, &c.n_layers, &c.head_dim,
                                      &c.n_heads, &c.n_kv_heads, &c.hidden, &c.vocab, &c.max_seq, &c.max_batch, &c.eps,
                                      &cos_o, &sin_o, &c.nthreads, &x_o, &out_o, &logits_o, &c.rope_neox, &c.qk_norm,
                                      &c.attn_bias, &c.n_experts, &c.n_active, &c.norm_topk, &c.sync,
-                                     &c.check_residual, &c.kv_dir))
+                                     &c.check_residual, &c.kv_dir, &c.kv_type))
         return -1;
     if (self->e) {
         PyErr_SetString(PyExc_RuntimeError, "Engine already initialised");
@@ -71,7 +71,8 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
         c.n_heads < 1 || c.n_kv_heads < 1 || c.n_heads % c.n_kv_heads || c.max_seq < 1 || c.max_batch < 1 ||
         c.n_layers < 1 || c.vocab < 0 || c.n_experts < 0 || c.n_experts > 4096 || c.n_active < 0 ||
         c.n_active > c.n_experts || c.n_active > 64 || (c.n_experts && c.n_active < 1) ||
-        (c.sync != SYNC_Q80 && c.sync != SYNC_F32 && c.sync != SYNC_F16)) {
+        (c.sync != SYNC_Q80 && c.sync != SYNC_F32 && c.sync != SYNC_F16) ||
+        (c.kv_type != T_F32 && c.kv_type != T_F16 && c.kv_type != T_Q8_0) || (c.kv_type == T_Q8_0 && c.head_dim % QK)) {
         PyErr_SetString(PyExc_ValueError, "Engine: inconsistent dimensions");
         return -1;
     }

@@ -40,6 +40,7 @@ class Settings:
     check_residual: bool = False
     weight_bytes: tuple[int, ...] = ()  # exact bytes of each node's slice, so a worker can refuse before allocating
     kv_storage: str = "ram"
+    kv_type: str = "f16"
 
 
 class TcpCluster:
@@ -191,7 +192,7 @@ def _setup(conns: list[Conn], hashes: list[bytes], plan: SplitPlan, model: GGUFM
         local = hashes[i - 1] == model_hash != zero
         setup = M.Setup(plan.cfg, plan.split_weights, plan.nodes, i, s.max_seq, s.max_batch, s.sync, peers, session_id,
                         local, model_hash, s.check_residual, s.weight_bytes[i] if s.weight_bytes else 0,
-                        s.kv_storage)  # fmt: skip
+                        s.kv_storage, s.kv_type)  # fmt: skip
         raw = setup.encode()
         conn.sendall(P.header(M.SETUP, len(raw)) + raw)
         sent.append((hashlib.sha256(raw).digest(), local))
