@@ -87,6 +87,18 @@ def recv_header(conn, expect: tuple[int, ...], max_len: int | None = None) -> tu
     return mtype, length
 
 
+def peer_explanation(conn, wait: float = 2.0) -> str | None:
+    """After a send failed: the ERROR / ABORT the peer sent before closing (why it gave up), if there is one."""
+    try:
+        conn.timeout, conn.deadline = wait, None
+        recv_header(conn, ())
+    except RemoteError as e:
+        return str(e)
+    except (DllamaError, OSError):
+        pass
+    return None
+
+
 def recv(conn, *classes: type[M.Message], **decode_kw) -> M.Message:
     """The next message, decoded as whichever of `classes` its type says."""
     by_type = {c.TYPE: c for c in classes}
