@@ -202,7 +202,9 @@ def cases(base: Gguf) -> dict[str, bytes]:
     a[0] = np.nan
     edit("nan-in-output-norm", tensors={"output_norm.weight": (dims, qt, a.tobytes())})
     dims, qt, raw = base.tensors["blk.0.attn_q.weight"]
-    edit("q-matrix-wrong-type", tensors={"blk.0.attn_q.weight": (dims, 0, raw)})  # F32 claimed, Q4_0 bytes
+    g = base.copy()
+    g.tensors["blk.0.attn_q.weight"] = ([dims[0], dims[1] * 2], qt, raw)  # claims twice the bytes written
+    out["tensor-overlaps-next"] = g.to_bytes()
     return out
 
 
