@@ -298,3 +298,16 @@ def test_peer_claiming_a_foreign_node_index_is_refused_not_fatal(workers, model)
     log = w.stop()
     for i in bad:
         assert f"refused a peer claiming node index {i}" in log, log
+
+
+def test_network_fuzz_script_short_run():
+    """scripts/fuzz_network.py (the long run) in miniature: a live worker survives random and mutated frames,
+    with and without the secret, with flat memory, and then serves a good root."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_network.py"
+    r = subprocess.run([sys.executable, str(script), "--unauth", "1500", "--auth", "40", "--threads", "4"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr[-3000:]
