@@ -9,6 +9,7 @@ length field counts the step word, so the same arithmetic holds)."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -138,3 +139,33 @@ def test_relay_is_transparent_and_a_flip_goes_unnoticed_without_the_tags(default
     proxy.close()
     assert proxy.flipped.is_set()
     assert silent.returncode == 0 and "integrity" not in silent.stderr, silent.stderr
+
+
+@pytest.mark.parametrize("flip", [None, "payload", "tag"])
+def test_error_read_by_the_mesh_is_verified(flip):
+    """The C mesh reads a peer's ERROR in place of a partial sum (header and text); the tag that follows is
+    checked by the link's Conn before the text is believed (a forged or altered reason is named as such)."""
+    from dllama.net.conn import Conn
+
+    a, b = socket.socketpair()
+    keys = [os.urandom(32) for _ in range(4)]
+    tx, rx = Conn(a, "worker", timeout=2), Conn(b, "root side", timeout=2)
+    tx.start_integrity(keys[0], keys[1], (keys[2], keys[3]))
+    rx.start_integrity(keys[1], keys[0], (keys[3], keys[2]))
+    # a Conn frame first, so the sequence numbers are past 0
+    tx.sendall(M.HEADER.pack(M.MAGIC, M.STOP, 0, 0))
+    assert rx.recv_into(bytearray(8), 8) == 8  # STOP read (and its tag checked) by the Conn
+    tx.sendall(M.HEADER.pack(M.MAGIC, M.ERROR, 0, 12) + b"out of luck!")
+    wire = bytearray(b.recv(8 + 12 + TAG))  # what the C mesh would take: header and text; the tag stays
+    assert len(wire) == 8 + 12 + TAG
+    if flip == "payload":
+        wire[10] ^= 1
+    elif flip == "tag":
+        wire[-1] ^= 1
+    c, d = socket.socketpair()
+    rx.sock = d  # the same link state, fed the (possibly altered) bytes: mesh part read, tag left on the socket
+    rx._poll_in.register(d, select.POLLIN)
+    c.sendall(bytes(wire[8 + 12 :]))
+    assert rx.verify_read_frame(M.ERROR, bytes(wire[8:20])) is (flip is None)
+    for s in (a, b, c, d):
+        s.close()

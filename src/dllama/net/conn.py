@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 
-from dllama.net.messages import HEADER, ProtocolError
+from dllama.net.messages import HEADER, MAGIC, ProtocolError
 from dllama.net.protocol import PeerClosed
 
 _IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
@@ -164,6 +164,24 @@ class Conn:
         if k and rx.left == 0:
             self._check_tag(rx)
         return k
+
+    def verify_read_frame(self, mtype: int, payload: bytes, wait: float = 2.0) -> bool:
+        """A frame someone else took off this socket (the C mesh reads a peer's ERROR / ABORT in place of a
+        partial sum): True if its tag, which follows it on the socket, verifies, so its text can be believed."""
+        rx = self._rx
+        if rx is None:
+            return True
+        if rx.left >= 0 or rx.head:
+            return False  # we were inside another frame: cannot be one the peer sent whole
+        rx.take_header(HEADER.pack(MAGIC, mtype, 0, len(payload)))
+        rx.mac.update(payload)
+        rx.left = 0
+        self.timeout, self.deadline = wait, None
+        try:
+            self._check_tag(rx)
+        except (ProtocolError, PeerClosed):
+            return False
+        return True
 
     def _check_tag(self, rx: _Stream) -> None:
         want = rx.tag()
