@@ -29,6 +29,7 @@ setup(
             sources=["src/dllama/net/csrc/mesh_tcp.c"],
             depends=[f"{csrc}/comm.h"],
             extra_compile_args=flags,
+            libraries=["crypto"],  # OpenSSL's libcrypto: HMAC-SHA256 of every partial-sum frame
         ),
     ]
 )

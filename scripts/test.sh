@@ -9,6 +9,7 @@ PY=${PYTHON:-python3}
 missing=""
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing="$missing gcc-aarch64-linux-gnu"
+[ -f /usr/include/openssl/evp.h ] || missing="$missing libssl-dev"  # libcrypto for the mesh's frame HMAC
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from dllama.model.gguf_model import GGUFModel
 from dllama.net import messages as M
 from dllama.net import protocol as P
+from dllama.net.conn import Conn
 from dllama.runtime.root import Root
 from dllama.split.plan import SplitPlan
 
@@ -35,8 +37,11 @@ def raw(w, timeout=5.0) -> socket.socket:
     return s
 
 
-def closed_by_worker(s: socket.socket) -> bytes:
+def closed_by_worker(s: socket.socket | Conn) -> bytes:
     """Everything the worker sends until it closes the connection (it must close, not hang)."""
+    if isinstance(s, Conn):
+        s = s.sock
+        s.settimeout(30)
     data = b""
     while True:
         try:
@@ -119,10 +124,23 @@ def test_version_mismatch_gets_a_clear_error(worker, model):
     good_root_works(worker, model)
 
 
-def authenticated(w) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", w.port), timeout=10)
+def authenticated(w) -> Conn:
+    """A root's connection after the handshake: a Conn, so what the test sends carries valid integrity tags."""
+    c = Conn(socket.create_connection(("127.0.0.1", w.port), timeout=10), "worker", timeout=10)
+    P.client_handshake(c, P.key_of("right-secret"), M.ROLE_ROOT)
+    return c
+
+
+def test_untagged_frames_after_the_handshake_are_refused(worker, model):
+    """A bare socket completes the handshake but sends its SETUP without a tag: the worker must refuse it (the
+    16 bytes it takes as the tag do not verify) and stay up."""
+    s = socket.create_connection(("127.0.0.1", worker.port), timeout=10)
     P.client_handshake(s, P.key_of("right-secret"), M.ROLE_ROOT)
-    return s
+    payload = setup_payload(model)
+    s.sendall(P.header(M.SETUP, len(payload)) + payload + b" " * 16)  # 16 bytes where the tag belongs
+    reply = closed_by_worker(s)
+    assert frame_type(reply) == M.ERROR and b"integrity" in reply
+    good_root_works(worker, model)
 
 
 def setup_payload(model, **over) -> bytes:
@@ -214,3 +232,82 @@ def test_peer_connection_for_unknown_session_is_refused(worker, model):
 
 def test_unpack_sanity():
     assert struct.calcsize("<2sBBI") == M.HEADER.size == 8
+
+
+class FakeWorker2:
+    """Poses as worker 2 of a 3-node session (it knows the cluster secret): takes the root's SETUP, then joins the
+    real worker 1 as a peer claiming node indices that are not its own before finally using the right one."""
+
+    def __init__(self, secret: str, bad_indices: list[int]):
+        self.key, self.bad = P.key_of(secret), bad_indices
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.lsock.getsockname()[1]}"
+        self.errors: list[str] = []
+        self.joined: list[int] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            sock, _ = self.lsock.accept()
+            root = Conn(sock, "root", timeout=30)
+            hello = P.server_read_hello(root)
+            P.server_authenticate(root, self.key, hello, bytes(32))
+            _, n = P.recv_header(root, (M.SETUP,))
+            setup = M.Setup.decode(bytes(P.recv_exact(root, n)))
+            sk = P.session_key(self.key, setup.session_id)
+            for idx in [*self.bad, 2]:
+                for _ in range(200):  # worker 1 may not know the session yet
+                    peer = Conn(P.connect(setup.peers[1]), "worker 1", timeout=10)
+                    try:
+                        P.client_handshake(peer, sk, M.ROLE_PEER, setup.session_id, idx)
+                        self.joined.append(idx)
+                        break
+                    except P.RemoteError:
+                        peer.close()
+                        threading.Event().wait(0.1)
+            # take our slice of the weights until the root goes quiet (it then waits for READY), then vanish
+            root.timeout = 3.0
+            buf = memoryview(bytearray(1 << 20))
+            try:
+                while root.recv_into(buf, len(buf)):
+                    pass
+            except P.PeerClosed:
+                pass
+            root.close()
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(f"{type(e).__name__}: {e}")
+
+
+def test_peer_claiming_a_foreign_node_index_is_refused_not_fatal(workers, model):
+    """Issue 13.1: a peer claiming node index 0 (the root), the worker's own, one outside the session or absurd
+    once crashed the worker with SIGSEGV. Now each is refused with a log line, the session goes on with the
+    right peer, and the worker serves the next root."""
+    from dllama.errors import DllamaError
+
+    (w,) = workers(1, secret="right-secret")
+    bad = [0, 1, 3, 64, 65535]
+    fake = FakeWorker2("right-secret", bad)
+    with pytest.raises(DllamaError, match="worker 2"):
+        Root(model, nthreads=1, max_seq=32, workers=[w.address, fake.address], secret="right-secret", **QUIET)
+    fake.thread.join(30)
+    assert not fake.errors, fake.errors
+    assert fake.joined == [*bad, 2]  # every claim got through the handshake, so worker 1 had to judge it
+    assert w.alive()
+    good_root_works(w, model)
+    log = w.stop()
+    for i in bad:
+        assert f"refused a peer claiming node index {i}" in log, log
+
+
+def test_network_fuzz_script_short_run():
+    """scripts/fuzz_network.py (the long run) in miniature: a live worker survives random and mutated frames,
+    with and without the secret, with flat memory, and then serves a good root."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_network.py"
+    r = subprocess.run([sys.executable, str(script), "--unauth", "1500", "--auth", "40", "--threads", "4"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr[-3000:]

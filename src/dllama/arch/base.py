@@ -147,6 +147,8 @@ class Architecture:
             )
         if cfg.rope_freq_factors is not None and len(cfg.rope_freq_factors) != cfg.head_dim // 2:
             raise DllamaError(f"rope_freqs has {len(cfg.rope_freq_factors)} values, expected {cfg.head_dim // 2}")
+        if cfg.rope_freq_factors is not None and not all(math.isfinite(v) and v > 0 for v in cfg.rope_freq_factors):
+            raise DllamaError("rope_freqs holds zero, negative or non-finite frequency factors")
 
     # ---- tensors ----
     def attention_tensors(self, cfg: ModelConfig) -> list[TensorSpec]:

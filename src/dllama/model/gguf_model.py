@@ -23,6 +23,7 @@ from dllama.arch import OUTPUT, OUTPUT_NORM, ROPE_FREQS, TOKEN_EMBD, TensorSpec,
 from dllama.engine import _kernels
 from dllama.errors import DllamaError
 from dllama.model.config import ModelConfig
+from dllama.model.gguf_check import check_layout, check_small_tensors_finite, check_tokenizer_metadata
 from dllama.model.gguf_file import GGUFFile
 from dllama.model.parts import split_parts
 from dllama.model.tensor_view import TensorView
@@ -38,7 +39,10 @@ def _open(path: str) -> GGUFFile:
         magic = f.read(4)
     if magic != b"GGUF":
         raise DllamaError(f"not a GGUF file (bad magic {magic!r}): {path}")
-    return GGUFFile(path)
+    f = GGUFFile(path)  # the header walk: every count and length checked against the file size
+    check_layout(f)  # what the walk does not see: tensors overlapping each other
+    check_tokenizer_metadata(f)  # types and id ranges, before the tokenizer indexes with them
+    return f
 
 
 class GGUFModel:
@@ -132,6 +136,7 @@ class GGUFModel:
             for layer in range(cfg.n_layers):
                 if self.layer(layer, spec.name).type != QT.F32:
                     raise DllamaError(f"tensor 'blk.{layer}.{spec.name}' must be F32")
+        check_small_tensors_finite(self.tensors)
 
     def release(self, v: TensorView) -> None:
         """Drop the file pages under view `v` from this process and the page cache: the node does not read them

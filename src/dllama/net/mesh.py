@@ -37,7 +37,8 @@ class Mesh:
         n = len(links) + 1
         self.timeout = timeout
         fds = [links[j].fileno() if j != index else -1 for j in range(n)]
-        self.tcp = _mesh.TcpMesh(fds, index, M.PARTIAL_PREFIX, M.EXPLAIN_TYPES, int(timeout * 1000))
+        keys = [links[j].mesh_keys if j != index else None for j in range(n)]  # from each link's handshake
+        self.tcp = _mesh.TcpMesh(fds, index, M.PARTIAL_PREFIX, M.EXPLAIN_TYPES, int(timeout * 1000), keys)
 
     @property
     def capsule(self):  # what Engine.set_comm takes
@@ -57,9 +58,13 @@ class Mesh:
         if kind == _mesh.SOCKERR:
             return NodeFailure(node, f"{name}: connection lost ({os.strerror(err)})")
         if kind == _mesh.PEER_ERROR:
+            if node in self.links and not self.links[node].verify_read_frame(mtype, bytes(msg)):
+                return NodeFailure(node, f"{name} sent an error message that failed its integrity check")
             return NodeFailure(node, f"{name}: {M.explanation(mtype, msg)}")
         if kind == _mesh.NONFINITE:
             return NodeFailure(node, f"{name} sent a partial sum with NaN or infinite values")
+        if kind == _mesh.INTEGRITY:
+            return NodeFailure(node, f"partial sum from {name} failed its integrity check (altered on the way?)")
         if kind == _mesh.BADFRAME:
             return NodeFailure(node, f"{name} sent a malformed or out-of-step partial sum")
         return NodeFailure(node, f"{name} disconnected")

@@ -272,7 +272,7 @@ def _config(c) -> ModelConfig:
         _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, f"SETUP: bad {k}")
     for k in CONFIG_BOOLS:
         _check(isinstance(c.get(k), bool), f"SETUP: bad {k}")
-    _check(c.get("arch") in ARCHITECTURES, "SETUP: unknown architecture")
+    _check(isinstance(c.get("arch"), str) and c["arch"] in ARCHITECTURES, "SETUP: unknown architecture")
     ff = c.get("rope_freq_factors")
     _check(ff is None or (isinstance(ff, list) and len(ff) == ints["head_dim"] // 2
                           and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in ff)),

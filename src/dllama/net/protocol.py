@@ -10,7 +10,12 @@ Handshake (every connection, before anything else is accepted):
   server -> AUTH_OK   HMAC(key, "dllama-server" | client nonce | server nonce | role), then its model's sha256
 The key is the cluster secret between root and worker (a worker obeys only a root that knows it, and the root
 knows it talks to a real worker). Between workers it is a per-session key each derives from the cluster secret and
-the session id (`session_key`): it never travels. A version mismatch is answered with ERROR."""
+the session id (`session_key`): it never travels. A version mismatch is answered with ERROR.
+
+After AUTH_OK both ends derive this link's frame keys from the handshake key and both nonces (`frame_keys`; the
+server's model hash is bound in too, since AUTH_OK's proof does not cover it) and every later frame carries an
+HMAC tag (conn.Conn.start_integrity; the C mesh tags its partial sums with keys of its own, mesh.Mesh).
+DLLAMA_INSECURE_NO_MAC=1 turns the tags off (benchmarks of their cost only; every node must have it)."""
 
 from __future__ import annotations
 
@@ -82,6 +87,18 @@ def recv_header(conn, expect: tuple[int, ...], max_len: int | None = None) -> tu
     return mtype, length
 
 
+def peer_explanation(conn, wait: float = 2.0) -> str | None:
+    """After a send failed: the ERROR / ABORT the peer sent before closing (why it gave up), if there is one."""
+    try:
+        conn.timeout, conn.deadline = wait, None
+        recv_header(conn, ())
+    except RemoteError as e:
+        return str(e)
+    except (DllamaError, OSError):
+        pass
+    return None
+
+
 def recv(conn, *classes: type[M.Message], **decode_kw) -> M.Message:
     """The next message, decoded as whichever of `classes` its type says."""
     by_type = {c.TYPE: c for c in classes}
@@ -102,6 +119,23 @@ def session_key(cluster_key: bytes, session_id: bytes) -> bytes:
     return hmac.new(cluster_key, b"dllama-session" + session_id, hashlib.sha256).digest()
 
 
+def frame_keys(key: bytes, client_nonce: bytes, server_nonce: bytes, role: int, model_hash: bytes) -> list[bytes]:
+    """Client->server and server->client keys of the Python frames, then of the C mesh's partial sums."""
+    ctx = client_nonce + server_nonce + bytes([role]) + model_hash
+    labels = (b"dllama-frames-c2s", b"dllama-frames-s2c", b"dllama-mesh-c2s", b"dllama-mesh-s2c")
+    return [hmac.new(key, label + ctx, hashlib.sha256).digest() for label in labels]
+
+
+def _start_integrity(conn, keys: list[bytes], client: bool) -> None:
+    if os.environ.get("DLLAMA_INSECURE_NO_MAC") == "1" or not hasattr(conn, "start_integrity"):
+        return  # a bare socket (tests speaking the protocol by hand) gets no tags: its peer then rejects it
+    c2s, s2c, mc2s, ms2c = keys
+    if client:
+        conn.start_integrity(c2s, s2c, (mc2s, ms2c))
+    else:
+        conn.start_integrity(s2c, c2s, (ms2c, mc2s))
+
+
 def _mac(key: bytes, label: bytes, a: bytes, b: bytes, role: int) -> bytes:
     return hmac.new(key, label + a + b + bytes([role]), hashlib.sha256).digest()
 
@@ -117,6 +151,7 @@ def client_handshake(conn, key: bytes, role: int, session_id: bytes = b"\0" * 16
     ok = recv(conn, M.AuthOk)
     if not hmac.compare_digest(ok.proof, _mac(key, b"dllama-server", nonce, ch.nonce, role)):
         raise ProtocolError("the peer could not prove it knows the cluster secret")
+    _start_integrity(conn, frame_keys(key, nonce, ch.nonce, role, ok.model_hash), client=True)
     return ok.model_hash
 
 
@@ -145,6 +180,7 @@ def server_authenticate(conn, key: bytes, hello: M.Hello, model_hash: bytes, ref
         send_error(conn, reason)
         raise RemoteError(reason)
     send(conn, M.AuthOk(_mac(key, b"dllama-server", hello.nonce, nonce, hello.role), model_hash))
+    _start_integrity(conn, frame_keys(key, hello.nonce, nonce, hello.role, model_hash), client=False)
 
 
 # ---- sockets ----

@@ -154,11 +154,11 @@ class WorkerSession:
                 engine.forward(msg.pos, msg.T)
             except CommError as e:
                 failure = self.mesh.failure(e.args)
-                if failure.node != 0:  # tell the root which peer failed before we leave
-                    try:
-                        P.send(self.root, M.Abort(failure.node, str(failure)))
-                    except (OSError, DllamaError):
-                        pass
+                # tell the root which peer failed before we leave (or why its own frames were refused)
+                try:
+                    P.send(self.root, M.Abort(failure.node, str(failure)) if failure.node else M.Error(str(failure)))
+                except (OSError, DllamaError):
+                    pass
                 raise failure from None
             if s.check_residual:
                 P.send(self.root, M.Residual(engine.residual_hashes()))

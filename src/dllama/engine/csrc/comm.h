@@ -13,7 +13,8 @@
 #include <stdint.h>
 
 enum { COMM_OK = 0, COMM_TIMEOUT = 1, COMM_CLOSED = 2, COMM_BADFRAME = 3, COMM_SOCKERR = 4, COMM_PEER_ERROR = 5,
-       COMM_NONFINITE = 6 /* set by the engine: a peer's partial sum holds NaN or inf */ };
+       COMM_NONFINITE = 6 /* set by the engine: a peer's partial sum holds NaN or inf */,
+       COMM_INTEGRITY = 7 /* a peer's frame failed its authentication tag (altered on the way, or replayed) */ };
 
 #define COMM_MSG_MAX 4096
 

@@ -5,7 +5,12 @@
  * Frame: the 4 bytes `prefix` (magic, type, flags of a partial-sum frame, handed over by dllama.net.protocol, which
  * owns the frame layout), u32 length (4 + payload), u32 sync step, payload. Payloads land straight in the engine's
  * receive buffer. A frame of one of the `explain` types (the peer's ERROR / ABORT) is read whole and returned as the
- * failure, so the caller can say why the peer gave up. */
+ * failure, so the caller can say why the peer gave up.
+ *
+ * Integrity: when the link has keys (derived from its handshake by dllama.net.protocol, never sent), every frame is
+ * followed by a 16-byte tag = HMAC-SHA256(key, u64 sequence number | 12-byte head | payload) truncated, one key and
+ * one counter per direction and link, so a frame altered, dropped, replayed or reordered on the way is caught
+ * (COMM_INTEGRITY) before the engine adds it. HMAC is OpenSSL's (libcrypto). */
 #define PY_SSIZE_T_CLEAN
 #define _POSIX_C_SOURCE 200809L
 #include <Python.h>
@@ -14,12 +19,24 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
 
 #include "../../engine/csrc/comm.h"
 
 #define HEAD 12
 #define MAX_NODES 64
+#define TAG 16
+
+typedef struct {
+    EVP_MAC_CTX *tx, *rx; /* keyed HMAC-SHA256 per direction; NULL: this link is not authenticated */
+    uint64_t seq_tx, seq_rx;
+} link_mac;
 
 typedef struct {
     comm base; /* first: the capsule points here */
@@ -31,7 +48,36 @@ typedef struct {
     uint8_t *sbuf; /* [HEAD + len] our frame */
     size_t scap;
     uint8_t head[MAX_NODES][HEAD];
+    EVP_MAC *mac;
+    link_mac lm[MAX_NODES];
+    uint8_t stag[MAX_NODES][TAG], rtag[MAX_NODES][TAG];
 } tcp_mesh;
+
+/* HMAC(seq | head | payload), truncated to TAG bytes; the context keeps its key across frames */
+static int frame_tag(EVP_MAC_CTX *ctx, uint64_t seq, const uint8_t *head, const uint8_t *payload, size_t len,
+                     uint8_t *out) {
+    uint8_t s[8], md[EVP_MAX_MD_SIZE];
+    size_t n = 0;
+    for (int i = 0; i < 8; i++) s[i] = (uint8_t)(seq >> (8 * i));
+    if (!EVP_MAC_init(ctx, NULL, 0, NULL) || !EVP_MAC_update(ctx, s, 8) || !EVP_MAC_update(ctx, head, HEAD) ||
+        !EVP_MAC_update(ctx, payload, len) || !EVP_MAC_final(ctx, md, &n, sizeof md) || n < TAG)
+        return -1;
+    memcpy(out, md, TAG);
+    return 0;
+}
+
+/* our frame (sbuf, `body` bytes) then node j's tag, from byte `off` on */
+static ssize_t send_part(tcp_mesh *m, int j, size_t off, size_t body) {
+    struct iovec iov[2];
+    int n = 0;
+    if (off < body) iov[n++] = (struct iovec){m->sbuf + off, body - off};
+    if (m->lm[j].tx) {
+        const size_t t = off > body ? off - body : 0;
+        iov[n++] = (struct iovec){m->stag[j] + t, TAG - t};
+    }
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+    return sendmsg(m->fds[j], &msg, MSG_NOSIGNAL);
+}
 
 static double mono_s(void) {
     struct timespec ts;
@@ -96,13 +142,16 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
     memcpy(m->sbuf + 8, &step, 4);
     memcpy(m->sbuf + HEAD, send_buf, len);
     const double t0 = mono_s();
-    size_t sent[MAX_NODES], got[MAX_NODES];
+    size_t sent[MAX_NODES], got[MAX_NODES], tot[MAX_NODES]; /* tot: frame plus tag on this link */
     int pending = 0;
     for (int j = 0; j < N; j++) {
         sent[j] = got[j] = 0;
         if (j == c->self) continue;
+        tot[j] = total + (m->lm[j].tx ? TAG : 0);
+        if (m->lm[j].tx && frame_tag(m->lm[j].tx, m->lm[j].seq_tx++, m->sbuf, m->sbuf + HEAD, len, m->stag[j]))
+            return fail(m, j, COMM_INTEGRITY, 0);
         pending++;
-        const ssize_t k = send(m->fds[j], m->sbuf, total, MSG_NOSIGNAL);
+        const ssize_t k = send_part(m, j, 0, total);
         if (k > 0) {
             sent[j] = (size_t)k;
             c->sent += (uint64_t)k;
@@ -115,9 +164,9 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
     while (pending) {
         int np = 0;
         for (int j = 0; j < N; j++) {
-            if (j == c->self || (sent[j] >= total && got[j] >= total)) continue;
+            if (j == c->self || (sent[j] >= tot[j] && got[j] >= tot[j])) continue;
             pfd[np].fd = m->fds[j];
-            pfd[np].events = (short)((got[j] < total ? POLLIN : 0) | (sent[j] < total ? POLLOUT : 0));
+            pfd[np].events = (short)((got[j] < tot[j] ? POLLIN : 0) | (sent[j] < tot[j] ? POLLOUT : 0));
             pfd[np].revents = 0;
             map[np++] = j;
         }
@@ -129,13 +178,13 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
         if (r == 0) { /* blame a peer we are still waiting for */
             int who = map[0];
             for (int i = 0; i < np; i++)
-                if (got[map[i]] < total) { who = map[i]; break; }
+                if (got[map[i]] < tot[map[i]]) { who = map[i]; break; }
             return fail(m, who, COMM_TIMEOUT, 0);
         }
         for (int i = 0; i < np; i++) {
             const int j = map[i];
-            if ((pfd[i].revents & POLLOUT) && sent[j] < total) {
-                const ssize_t k = send(m->fds[j], m->sbuf + sent[j], total - sent[j], MSG_NOSIGNAL);
+            if ((pfd[i].revents & POLLOUT) && sent[j] < tot[j]) {
+                const ssize_t k = send_part(m, j, sent[j], total);
                 if (k > 0) {
                     sent[j] += (size_t)k;
                     c->sent += (uint64_t)k;
@@ -143,10 +192,20 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
                     return fail(m, j, COMM_SOCKERR, errno);
                 }
             }
-            if ((pfd[i].revents & (POLLIN | POLLHUP | POLLERR)) && got[j] < total) {
-                /* the header into head[j], the payload straight into the receive buffer */
-                uint8_t *dst = got[j] < HEAD ? m->head[j] + got[j] : recv_buf + (size_t)j * len + (got[j] - HEAD);
-                const size_t want = got[j] < HEAD ? HEAD - got[j] : total - got[j];
+            if ((pfd[i].revents & (POLLIN | POLLHUP | POLLERR)) && got[j] < tot[j]) {
+                /* the header into head[j], the payload straight into the receive buffer, the tag into rtag[j] */
+                uint8_t *dst;
+                size_t want;
+                if (got[j] < HEAD) {
+                    dst = m->head[j] + got[j];
+                    want = HEAD - got[j];
+                } else if (got[j] < total) {
+                    dst = recv_buf + (size_t)j * len + (got[j] - HEAD);
+                    want = total - got[j];
+                } else {
+                    dst = m->rtag[j] + (got[j] - total);
+                    want = tot[j] - got[j];
+                }
                 const ssize_t k = recv(m->fds[j], dst, want, 0);
                 if (k == 0) return fail(m, j, got[j] >= 8 ? COMM_BADFRAME : COMM_CLOSED, 0);
                 if (k < 0) {
@@ -165,13 +224,19 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
                     if (memcmp(h, m->prefix, 4) != 0 || l != flen) return fail(m, j, COMM_BADFRAME, 0);
                 }
             }
-            if (sent[j] >= total && got[j] >= total) pending--;
+            if (sent[j] >= tot[j] && got[j] >= tot[j]) pending--;
         }
     }
     c->wait_s += mono_s() - t0;
     for (int j = 0; j < N; j++) {
         uint32_t st;
         if (j == c->self) continue;
+        if (m->lm[j].rx) {
+            uint8_t want[TAG];
+            if (frame_tag(m->lm[j].rx, m->lm[j].seq_rx++, m->head[j], recv_buf + (size_t)j * len, len, want) ||
+                CRYPTO_memcmp(want, m->rtag[j], TAG) != 0)
+                return fail(m, j, COMM_INTEGRITY, 0);
+        }
         memcpy(&st, m->head[j] + 8, 4);
         if (st != step) return fail(m, j, COMM_BADFRAME, 0);
     }
@@ -187,17 +252,65 @@ typedef struct {
 
 static void TcpMesh_dealloc(TcpMesh *self) {
     Py_XDECREF(self->capsule);
-    if (self->m) free(self->m->sbuf);
+    if (self->m) {
+        free(self->m->sbuf);
+        for (int j = 0; j < MAX_NODES; j++) {
+            EVP_MAC_CTX_free(self->m->lm[j].tx);
+            EVP_MAC_CTX_free(self->m->lm[j].rx);
+        }
+        EVP_MAC_free(self->m->mac);
+    }
     free(self->m);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* keys: per node None (no tag on that link) or (send key, receive key), bytes each */
+static int set_keys(tcp_mesh *m, PyObject *keys_o, Py_ssize_t n) {
+    if (PySequence_Size(keys_o) != n) {
+        PyErr_SetString(PyExc_ValueError, "TcpMesh: need a key pair (or None) per node");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *kp = PySequence_GetItem(keys_o, i);
+        if (!kp) return -1;
+        if (kp == Py_None) {
+            Py_DECREF(kp);
+            continue;
+        }
+        Py_buffer ks, kr;
+        if (i == m->base.self || !PyArg_ParseTuple(kp, "y*y*", &ks, &kr)) {
+            Py_DECREF(kp);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "TcpMesh: no key for ourselves");
+            return -1;
+        }
+        Py_DECREF(kp);
+        int ok = ks.len > 0 && kr.len > 0;
+        if (ok && !m->mac) ok = (m->mac = EVP_MAC_fetch(NULL, "HMAC", NULL)) != NULL;
+        char digest[] = "SHA256";
+        OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0), OSSL_PARAM_END};
+        if (ok) {
+            m->lm[i].tx = EVP_MAC_CTX_new(m->mac);
+            m->lm[i].rx = EVP_MAC_CTX_new(m->mac);
+            ok = m->lm[i].tx && m->lm[i].rx && EVP_MAC_init(m->lm[i].tx, ks.buf, (size_t)ks.len, params) &&
+                 EVP_MAC_init(m->lm[i].rx, kr.buf, (size_t)kr.len, params);
+        }
+        PyBuffer_Release(&ks);
+        PyBuffer_Release(&kr);
+        if (!ok) {
+            PyErr_SetString(PyExc_RuntimeError, "TcpMesh: cannot set up HMAC-SHA256 (OpenSSL)");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int TcpMesh_init(TcpMesh *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fds", "self_index", "prefix", "explain", "timeout_ms", NULL};
-    PyObject *fds_o;
+    static char *kwlist[] = {"fds", "self_index", "prefix", "explain", "timeout_ms", "keys", NULL};
+    PyObject *fds_o, *keys_o = Py_None;
     int self_index, timeout_ms;
     Py_buffer prefix, explain;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oiy*y*i", kwlist, &fds_o, &self_index, &prefix, &explain, &timeout_ms))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oiy*y*i|O", kwlist, &fds_o, &self_index, &prefix, &explain,
+                                     &timeout_ms, &keys_o))
         return -1;
     int rc = -1;
     const Py_ssize_t n = PySequence_Size(fds_o);
@@ -230,6 +343,7 @@ static int TcpMesh_init(TcpMesh *self, PyObject *args, PyObject *kw) {
         }
         m->fds[i] = (int)fd;
     }
+    if (keys_o != Py_None && set_keys(m, keys_o, n) < 0) goto done;
     self->capsule = PyCapsule_New(&m->base, COMM_CAPSULE, NULL);
     rc = self->capsule ? 0 : -1;
 done:
@@ -285,7 +399,8 @@ static PyTypeObject TcpMeshType = {
     .tp_dealloc = (destructor)TcpMesh_dealloc,
     .tp_methods = TcpMesh_methods,
     .tp_getset = TcpMesh_getset,
-    .tp_doc = "TcpMesh(fds, self_index, prefix, explain, timeout_ms): all-to-all over connected sockets.",
+    .tp_doc = "TcpMesh(fds, self_index, prefix, explain, timeout_ms, keys=None): all-to-all over connected sockets, "
+               "each link's frames tagged with HMAC-SHA256 when it has a (send, receive) key pair.",
 };
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_mesh", "dllama TCP all-to-all", -1, NULL};
@@ -303,5 +418,7 @@ PyMODINIT_FUNC PyInit__mesh(void) {
     PyModule_AddIntConstant(m, "SOCKERR", COMM_SOCKERR);
     PyModule_AddIntConstant(m, "PEER_ERROR", COMM_PEER_ERROR);
     PyModule_AddIntConstant(m, "NONFINITE", COMM_NONFINITE);
+    PyModule_AddIntConstant(m, "INTEGRITY", COMM_INTEGRITY);
+    PyModule_AddIntConstant(m, "TAG", TAG);
     return m;
 }

@@ -232,7 +232,7 @@ def _ship_weights(targets: list[tuple[Conn, int]], plan: SplitPlan, model: GGUFM
                 with lock:
                     bar.update(v.nbytes)
         except (DllamaError, OSError) as e:
-            errors.append(f"{conn.name}: sending weights failed: {e}")
+            errors.append(f"{conn.name}: sending weights failed: {P.peer_explanation(conn) or e}")
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=ship, args=job, daemon=True) for job in jobs]
