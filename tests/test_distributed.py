@@ -173,8 +173,9 @@ def test_default_model_greedy_agrees_with_single_node(default_model, workers, n,
 
 
 # per generated token at 3 nodes, computed by hand (see tests/test_traffic.py for the arithmetic):
-# root sends 2 * (636 + 60 * (12 + S)), receives 2 * (60 * (12 + S) + 16), S = 612 (q80) or 2304 (f32)
-PRODUCT_COUNTED = {"q80": (76152, 74912), "f32": (279192, 277952)}
+# root sends 2 * (652 + 60 * (12 + S + 16)), receives 2 * (60 * (12 + S + 16) + 32), S = 612 (q80) or 2304 (f32),
+# every frame carrying a 16-byte integrity tag
+PRODUCT_COUNTED = {"q80": (78104, 76864), "f32": (281144, 279904)}
 
 
 @pytest.mark.parametrize("buffer_type", ["q80", "f32"])

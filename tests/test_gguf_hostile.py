@@ -52,15 +52,7 @@ def _names() -> list[str]:
         return sorted(cases(base_model(Path(d))))
 
 
-# tokenizer.py (not this branch's) raises ValueError for these; see the report: DllamaError there fixes them
-NEEDS_TOKENIZER_FIX = {"no-tokenizer", "unknown-tokenizer-model"}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="tokenizer.py raises ValueError, not DllamaError"))
-     if c in NEEDS_TOKENIZER_FIX else c for c in _names()],
-)  # fmt: skip
+@pytest.mark.parametrize("case", _names())
 def test_hostile_file_gives_one_error_line(crafted, case):
     r = run_cli(crafted[case])
     err = r.stderr.strip().splitlines()

@@ -5,18 +5,19 @@ as literals, so a change of the wire format, of the sync type or of the formula 
 
 Default model (SmolLM2-135M-Instruct): dim 576, L = 30 layers, vocabulary 49152, embedding rows in Q8_0
 (576 / 32 blocks * 34 B = 612 B). 3 nodes: the vocabulary splits 16384 / 16384 / 16384 rows.
-Frame header 8 B (magic 2, type 1, flags 1, length 4). A partial-sum frame: header 8 + step 4 + T rows.
-  q80 partial row S = 576 / 32 * 34 = 612 B   -> one frame (T=1) = 12 + 612 = 624 B;  2L frames = 60 * 624 = 37440
-  f32 partial row S = 576 * 4 = 2304 B        -> one frame (T=1) = 12 + 2304 = 2316 B; 60 * 2316 = 138960
-  FORWARD (T=1) = header 8 + head 16 (pos, T, type, want) + 612 = 636 B
-  LOGITS greedy = header 8 + (f32 logit, u32 id) 8 = 16 B;  sampling = 8 + 4 * 16384 = 65544 B
+Frame header 8 B (magic 2, type 1, flags 1, length 4); after the handshake every frame ends with a 16 B integrity
+tag (truncated HMAC-SHA256). A partial-sum frame: header 8 + step 4 + T rows + tag 16.
+  q80 partial row S = 576 / 32 * 34 = 612 B   -> one frame (T=1) = 12 + 612 + 16 = 640 B;  2L frames = 60 * 640 = 38400
+  f32 partial row S = 576 * 4 = 2304 B        -> one frame (T=1) = 12 + 2304 + 16 = 2332 B; 60 * 2332 = 139920
+  FORWARD (T=1) = header 8 + head 16 (pos, T, type, want) + 612 + tag 16 = 652 B
+  LOGITS greedy = header 8 + (f32 logit, u32 id) 8 + tag 16 = 32 B;  sampling = 8 + 4 * 16384 + 16 = 65560 B
 Per generated token and per worker:
-  q80 greedy:   root -> worker 636 + 37440 = 38076;   worker -> root 37440 + 16 = 37456;  worker -> worker 37440
-  q80 sampling: root -> worker 38076;                 worker -> root 37440 + 65544 = 102984
-  f32 greedy:   root -> worker 636 + 138960 = 139596; worker -> root 138960 + 16 = 138976; worker -> worker 138960
-A prompt step of T = 5 tokens (q80, greedy): FORWARD 24 + 5 * 612 = 3084; partial frame 12 + 5 * 612 = 3072,
-  60 of them = 184320:  root -> worker 3084 + 184320 = 187404;  worker -> root 184320 + 16 = 184336;
-  worker -> worker 184320.
+  q80 greedy:   root -> worker 652 + 38400 = 39052;   worker -> root 38400 + 32 = 38432;  worker -> worker 38400
+  q80 sampling: root -> worker 39052;                 worker -> root 38400 + 65560 = 103960
+  f32 greedy:   root -> worker 652 + 139920 = 140572; worker -> root 139920 + 32 = 139952; worker -> worker 139920
+A prompt step of T = 5 tokens (q80, greedy): FORWARD 24 + 5 * 612 + 16 = 3100; partial frame 12 + 5 * 612 + 16 = 3088,
+  60 of them = 185280:  root -> worker 3100 + 185280 = 188380;  worker -> root 185280 + 32 = 185312;
+  worker -> worker 185280.
 """
 
 import os
@@ -33,11 +34,11 @@ from dllama.runtime.root import Root
 QUIET = {"log": lambda *a: None}
 
 EXPECTED = {  # (root->worker, worker->root, worker->worker) per step, from the hand arithmetic above
-    ("q80", "argmax", 1): (38076, 37456, 37440),
-    ("q80", "full", 1): (38076, 102984, 37440),
-    ("q80", "argmax", 5): (187404, 184336, 184320),
-    ("f32", "argmax", 1): (139596, 138976, 138960),
-    ("f32", "full", 1): (139596, 138960 + 65544, 138960),
+    ("q80", "argmax", 1): (39052, 38432, 38400),
+    ("q80", "full", 1): (39052, 103960, 38400),
+    ("q80", "argmax", 5): (188380, 185312, 185280),
+    ("f32", "argmax", 1): (140572, 139952, 139920),
+    ("f32", "full", 1): (140572, 139920 + 65560, 139920),
 }
 
 

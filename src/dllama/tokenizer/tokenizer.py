@@ -23,6 +23,8 @@ from typing import Any
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
+from dllama.errors import DllamaError
+
 __all__ = ["Tokenizer", "StreamDecoder", "cache_path"]
 
 _FORMAT_VERSION = 3  # bump whenever the conversion or the cached facts change
@@ -294,11 +296,14 @@ class Tokenizer:
             import gguf
 
             reader = gguf.GGUFReader(path)
-        facts = _read_facts(reader)
-        pre = None
-        if facts["model"] == "gpt2":  # byte-level BPE: the only kind with a llama.cpp pre-tokenizer regex
-            pre = llamacpp_pre_tokenizer(facts["pre"])
-        tokenizer_json = _convert(path, facts["vocab_size"], reader, pre)
+        try:
+            facts = _read_facts(reader)
+            pre = None
+            if facts["model"] == "gpt2":  # byte-level BPE: the only kind with a llama.cpp pre-tokenizer regex
+                pre = llamacpp_pre_tokenizer(facts["pre"])
+            tokenizer_json = _convert(path, facts["vocab_size"], reader, pre)
+        except (ValueError, KeyError, TypeError, IndexError) as e:  # metadata transformers cannot convert
+            raise DllamaError(f"cannot build the tokenizer of {os.path.basename(path)}: {e}") from None
         try:
             _write_atomic(
                 cache, json.dumps({"version": _FORMAT_VERSION, "facts": facts, "tokenizer": tokenizer_json})
