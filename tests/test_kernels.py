@@ -82,10 +82,11 @@ def repack(request):
 @pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q4_0, QT.Q4_1, QT.Q8_0])
 @pytest.mark.parametrize("T", [1, 5, 9])
 @pytest.mark.parametrize("nthreads", [1, 2])
-@pytest.mark.parametrize("rows", [64, 67])
+@pytest.mark.parametrize("rows", [64, 67, 72])
 def test_matmul_matches_reference(simd, repack, qtype, T, nthreads, rows):
-    # 64 rows: Q4_0/Q4_1 take the 8-row repacked GEMV/GEMM path; 67 rows: the GGUF layout (chunk tails);
-    # T=9: two 4-token GEMM tiles + a tail; 10 blocks exercises the 2-block unroll
+    # 64 rows: Q4_0/Q4_1/Q8_0 take the repacked GEMV/GEMM path (16-row AVX-512 tiles); 72 rows: 4 tiles + an odd
+    # 8-row group; 67 rows: the GGUF layout (chunk tails); T=9: an 8-token GEMM tile + a tail; 10 blocks exercises
+    # the 2-block unroll
     cols = 320
     w = rng(4).standard_normal((rows, cols)).astype(np.float32)
     x = rng(5).standard_normal((T, cols)).astype(np.float32)
@@ -93,6 +94,41 @@ def test_matmul_matches_reference(simd, repack, qtype, T, nthreads, rows):
     y = np.zeros((T, rows), dtype=np.float32)
     K.matmul(raw, int(qtype), rows, cols, len(raw) // rows, x, y, T, nthreads)
     np.testing.assert_allclose(y, ref.matmul(raw, qtype, rows, cols, x), rtol=2e-4, atol=2e-4)
+
+
+QUANT_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES)
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 7, 8, 15, 16, 17, 33, 64, 70])
+@pytest.mark.parametrize("rows,cols", [(16, 96), (24, 320), (200, 64)])
+def test_gemm_tiles_match_reference(simd, repack, qtype, T, rows, cols):
+    # every token-tile size (8, 4, 2, 1 and their sums up to 70), 16-row tiles with and without an odd 8-row
+    # group, 1..10 blocks per row; 2 threads so chunk boundaries fall inside the matrix
+    w = rng(20).standard_normal((rows, cols)).astype(np.float32)
+    w[3] *= 50  # one row with large scales: the Q8_0 +128 offset correction must cancel exactly enough
+    x = rng(21).standard_normal((T, cols)).astype(np.float32)
+    raw = quant_weights(w, qtype)
+    y = np.zeros((T, rows), dtype=np.float32)
+    K.matmul(raw, int(qtype), rows, cols, len(raw) // rows, x, y, T, 2)
+    expect = ref.matmul(raw, qtype, rows, cols, x)
+    np.testing.assert_allclose(y, expect, rtol=2e-4, atol=2e-4 * float(np.abs(expect).max()))
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, *QUANT_TYPES])
+@pytest.mark.parametrize("T", [1, 9, 70])
+@pytest.mark.parametrize("rows", [24, 67, 200])
+def test_matmul_swiglu_matches_reference(simd, repack, qtype, T, rows):
+    cols = 128
+    wg = rng(22).standard_normal((rows, cols)).astype(np.float32)
+    wu = rng(23).standard_normal((rows, cols)).astype(np.float32)
+    x = rng(24).standard_normal((T, cols)).astype(np.float32)
+    rg, ru = quant_weights(wg, qtype), quant_weights(wu, qtype)
+    y = np.zeros((T, rows), dtype=np.float32)
+    K.matmul(rg, int(qtype), rows, cols, len(rg) // rows, x, y, T, 2, ru)
+    g, u = ref.matmul(rg, qtype, rows, cols, x), ref.matmul(ru, qtype, rows, cols, x)
+    expect = ref.silu_mul(g.reshape(-1), u.reshape(-1)).reshape(T, rows)
+    np.testing.assert_allclose(y, expect, rtol=2e-4, atol=2e-4 * float(np.abs(expect).max()))
 
 
 def test_matmul_column_slice_uses_parent_stride():
