@@ -42,6 +42,8 @@ def test_quantize_q80_bit_exact_with_reference(simd):
     x = rng(1).standard_normal(32 * 64).astype(np.float32) * 3
     x[:32] = 0  # an all-zero block
     x[32:64] = 1e-3
+    x[64:96] = np.arange(32) - 15.5  # exact halves once scaled (d = 1): round half to even
+    x[64] = 127.0
     dst = np.empty(64 * 34, dtype=np.uint8)
     K.quantize_q80(x, dst)
     assert np.array_equal(dst, ref.quantize_q80(x))
