@@ -113,11 +113,7 @@ static void swiglu_task(void *varg, int chunk, int ith) {
                         a->xd + o, nb, tb, gy, m->ldh);
                 gemm_x8(m->wu->type, m->wu->data + (size_t)(r / 8) * m->wu->stride, m->wu->stride, ng, nb, a->xq + o, a->xs + o,
                         a->xd + o, nb, tb, u, nr);
-                for (int t = 0; t < tb; t++)
-                    for (int i = 0; i < nr; i++) {
-                        float *gv = gy + (size_t)t * m->ldh + i;
-                        *gv = *gv / (1.0f + expf(-*gv)) * u[t * nr + i];
-                    }
+                for (int t = 0; t < tb; t++) silu_mul(gy + (size_t)t * m->ldh, u + t * nr, nr);
             }
         }
         return;
