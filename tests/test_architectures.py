@@ -42,7 +42,7 @@ def test_single_node_matches_numpy_reference(models, name):
     m = GGUFModel(path)
     assert m.config.arch == ARCHS[name]["arch"] and m.config.n_experts == ARCHS[name].get("n_experts", 0)
     expect = ref.forward(path, IDS)[2:]
-    got = per_position(Root(m, nthreads=2, max_seq=32, **QUIET), IDS)
+    got = per_position(Root(m, nthreads=2, max_seq=32, kv_type="f32", **QUIET), IDS)
     print(f"{name}: max |logit diff| vs NumPy reference {np.abs(got - expect).max():.2e}")
     np.testing.assert_allclose(got, expect, atol=2e-4, rtol=0)
 
@@ -50,7 +50,7 @@ def test_single_node_matches_numpy_reference(models, name):
 @pytest.mark.parametrize("name", ARCHS)
 def test_quantized_weights_correlate_with_reference(models, name):
     expect = ref.forward(models[(name, "q8_0")], IDS)[2:]  # the same Q8_0 weights, float activations
-    got = per_position(Root(GGUFModel(models[(name, "q8_0")]), nthreads=2, max_seq=32, **QUIET), IDS)
+    got = per_position(Root(GGUFModel(models[(name, "q8_0")]), nthreads=2, max_seq=32, kv_type="f32", **QUIET), IDS)
     corr = min(np.corrcoef(got[i], expect[i])[0, 1] for i in range(len(got)))
     print(f"{name} q8_0: min correlation {corr:.5f}")
     assert corr > 0.99

@@ -46,7 +46,7 @@ def folders(tmp_path_factory):
 
 def ours(path: str, ids: list[int], **kw) -> np.ndarray:
     """Logits at every position: a prompt batch of 4, then one token at a time over the KV cache."""
-    with Root(GGUFModel(path, verbose=False), nthreads=2, max_seq=64, **QUIET, **kw) as r:
+    with Root(GGUFModel(path, verbose=False), nthreads=2, max_seq=64, kv_type="f32", **QUIET, **kw) as r:
         return np.array([r.forward(ids[: i + 1], 0).copy() if i < 4 else r.forward([ids[i]], i).copy()
                          for i in range(3, len(ids))])  # fmt: skip
 

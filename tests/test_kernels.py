@@ -200,6 +200,6 @@ def test_engine_forward_matches_numpy_reference_model(tiny8):
     m = GGUFModel(tiny8["f32"])
     ids = [5, 300, 17, 256, 99, 1000, 42]
     expect = ref.forward(tiny8["f32"], ids)  # [T, vocab]
-    root = Root(m, nthreads=2, max_seq=32, log=lambda *a: None)
+    root = Root(m, nthreads=2, max_seq=32, kv_type="f32", log=lambda *a: None)
     got = [root.forward(ids[:3], 0).copy()] + [root.forward([t], i).copy() for i, t in enumerate(ids[3:], 3)]
     np.testing.assert_allclose(np.array(got), expect[2:], rtol=1e-4, atol=1e-4)

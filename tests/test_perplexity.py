@@ -55,7 +55,7 @@ def hf(default_f32):
 
 def ours(model: str, *, bos_override: bool = False, chunks: int = CHUNKS, **cfg):
     """(perplexity estimate, text tokens, bos used) from a real Runtime (local workers when asked)."""
-    with Runtime(RuntimeConfig(model=model, nthreads=2, max_seq=CTX, **cfg)) as rt:
+    with Runtime(RuntimeConfig(model=model, nthreads=2, max_seq=CTX, kv_type="f32", **cfg)) as rt:
         tok = rt.tokenizer
         tokens = tok.encode(TEXT.read_text(encoding="utf-8"))
         bos = tok.bos_id if (tok.add_bos or bos_override) else None

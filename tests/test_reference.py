@@ -53,7 +53,7 @@ def hf():
 def ours():
     m = GGUFModel(default_model_path())
     tok = Tokenizer.from_gguf(default_model_path(), reader=m.reader)
-    return Session(Root(m, nthreads=2, max_seq=256)), tok
+    return Session(Root(m, nthreads=2, max_seq=256, kv_type="f32")), tok
 
 
 def hf_logits(hf, ids):
@@ -73,7 +73,7 @@ def test_f32_copy_matches_transformers_exactly(hf, tmp_path):
     ids = Tokenizer.from_gguf(path, reader=m.reader).encode("The capital of France is")
     ref = hf_logits(hf, ids)
     # prompt as one batch (matrix x matrix path) and then token by token (decode path)
-    root = Root(m, nthreads=2, max_seq=64)
+    root = Root(m, nthreads=2, max_seq=64, kv_type="f32")
     batch = root.forward(ids, 0).copy()
     steps = our_logits(root, ids)
     np.testing.assert_allclose(steps, ref, atol=2e-3, rtol=0)

@@ -57,7 +57,7 @@ def base(tmp_path_factory):
 def check(path: str, base_path: str) -> None:
     m = GGUFModel(path)
     expect = ref.forward(path, IDS)
-    got = np.array([Root(m, nthreads=1, max_seq=32, **QUIET).forward(IDS[: i + 1], 0).copy() for i in range(len(IDS))])
+    got = np.array([Root(m, nthreads=1, max_seq=32, kv_type="f32", **QUIET).forward(IDS[: i + 1], 0).copy() for i in range(len(IDS))])
     plain = ref.forward(base_path, IDS)
     print(f"max |diff| vs reference {np.abs(got - expect).max():.2e}; effect of the keys "
           f"{np.abs(expect - plain).max():.3f}")  # fmt: skip
