@@ -13,22 +13,33 @@ import time
 
 def _bench_inprocess(path: str, threads: int, n_decode: int, prompt_tokens: list[int], workers=None,
                      secret=None, buffer_type="q80") -> dict:  # fmt: skip
+    import inspect
+
     import numpy as np
 
     from dllama.model.gguf_model import GGUFModel
     from dllama.runtime.root import Root
 
+    # the sync format's keyword, so the same harness also drives builds from before it was renamed (--vs-src)
+    sync_kw = "sync" if "sync" in inspect.signature(Root).parameters else "buffer_type"
     load_before = os.getloadavg()[0]
     t = time.perf_counter()
     root = Root(GGUFModel(path, verbose=False), nthreads=threads, max_seq=len(prompt_tokens) + n_decode + 16,
-                workers=workers, secret=secret, sync=buffer_type, log=lambda *a: None)  # fmt: skip
+                workers=workers, secret=secret, log=lambda *a: None, **{sync_kw: buffer_type})  # fmt: skip
     load_s = time.perf_counter() - t
+
+    def run(ids, pos, want):
+        """(logits, network s, bytes sent, bytes received); older builds (--vs-src) have only forward()."""
+        if hasattr(root, "run"):
+            r = root.run(ids, pos, want)
+            return r.logits, r.step.network_s, r.step.sent, r.step.recv
+        return root.forward(ids, pos, want), 0.0, 0, 0
 
     def prefill(ids):  # greedy, like the llama.cpp side: only the argmax of the last position is needed
         logits = None
         for i in range(0, len(ids), root.max_batch):
             last = i + root.max_batch >= len(ids)
-            logits = root.run(ids[i : i + root.max_batch], i, "argmax" if last else "none").logits
+            logits = run(ids[i : i + root.max_batch], i, "argmax" if last else "none")[0]
         return logits
 
     logits = prefill(prompt_tokens)  # warm-up: pages in the weights, wakes the threads
@@ -45,11 +56,11 @@ def _bench_inprocess(path: str, threads: int, n_decode: int, prompt_tokens: list
     t0 = time.perf_counter()
     for _ in range(n_decode):
         ts = time.perf_counter()
-        r = root.run([tokens[-1]], pos, "argmax")
-        tokens.append(int(r.logits.argmax()))
+        logits, dn, ds, dr = run([tokens[-1]], pos, "argmax")
+        tokens.append(int(logits.argmax()))
         pos += 1
         steps.append(time.perf_counter() - ts)
-        net, sent, recv = net + r.step.network_s, sent + r.step.sent, recv + r.step.recv
+        net, sent, recv = net + dn, sent + ds, recv + dr
     decode_s = time.perf_counter() - t0
     out = {
         "engine": "dllama", "threads": threads, "nodes": root.n_nodes, "n_prompt": len(prompt_tokens),

@@ -64,6 +64,10 @@ class Root:
             raise DllamaError(f"a q8_0 KV cache needs head_dim % 32 == 0 (this model's is {cfg.head_dim}): use f16")
         self.kv_type = kv_type
         requested = min(max_seq or cfg.context_length, cfg.context_length) if max_seq is None else max_seq
+        if cfg.sliding_window and requested > cfg.sliding_window:
+            # attention over every position equals sliding-window attention within the window: stay inside it
+            self.log(f"note: --max-seq-len capped to the model's sliding window ({cfg.sliding_window})")
+            requested = cfg.sliding_window
         if requested < 2:
             raise DllamaError("--max-seq-len must be >= 2")
         per_pos = max(kv_cache_bytes(cfg, n.n_kv_heads, 1, kv_type) + 4 * cfg.head_dim for n in self.plan.nodes)
