@@ -130,7 +130,7 @@ class HomeCluster:
     def run(self, model: str, n: int, n_decode: int, buffer_type: str) -> dict:
         workers = []
         for i in range(1, n):
-            log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty worker must never block on its log
+            log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty worker must never block on its log
             w = self._on_node(i, [sys.executable, "-m", "dllama", "worker", "--host", self.star.addrs[i], "--port",
                                   str(PORT), "--nthreads", "1", "--secret", SECRET],
                               stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
@@ -160,10 +160,11 @@ class HomeCluster:
         (before, load0), (after, load1) = snaps
         d = out["decode_s"]
         out["load_avg"] = (load0 + load1) / 2
-        out["node_cores"] = [(b2["usage_s"] - b1["usage_s"]) / d for b1, b2 in zip(before, after)]
-        out["node_throttled_ms"] = [1e3 * (b2["throttled_s"] - b1["throttled_s"]) / n_decode for b1, b2 in zip(before, after)]  # fmt: skip
-        out["node_throttled_share"] = [(b2["throttled"] - b1["throttled"]) / max(1.0, b2["periods"] - b1["periods"])
-                                       for b1, b2 in zip(before, after)]  # fmt: skip
+        pairs = list(zip(before, after, strict=True))
+        out["node_cores"] = [(b["usage_s"] - a["usage_s"]) / d for a, b in pairs]
+        out["node_throttled_ms"] = [1e3 * (b["throttled_s"] - a["throttled_s"]) / n_decode for a, b in pairs]
+        out["node_throttled_share"] = [(b["throttled"] - a["throttled"]) / max(1.0, b["periods"] - a["periods"])
+                                       for a, b in pairs]  # fmt: skip
         return out
 
     def _stop(self, procs) -> None:
@@ -199,7 +200,7 @@ def main() -> None:
     p.add_argument("--n-decode", type=int, default=64)
     p.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--models", nargs="+", default=list(MODEL_MAKERS), choices=list(MODEL_MAKERS))
-    p.add_argument("--quota-us", type=int, default=5000, help="CPU time per period for each node (5000 = 0.5 core)")
+    p.add_argument("--quota-us", type=int, default=5000, help="CPU per period for each node (5000 = 0.5 core)")
     p.add_argument("--period-us", type=int, default=10000)
     p.add_argument("--rate", default="1gbit", help="tbf rate of each link, each direction")
     p.add_argument("--buffer-float-type", default="q80", choices=["q80", "f32"])
@@ -214,7 +215,7 @@ def main() -> None:
         sys.exit("bench_home_cluster.py needs root (network namespaces, cgroups)")
     cores = os.cpu_count() * a.period_us / a.quota_us
     if max(a.nodes) > cores + 1e-9:
-        sys.exit(f"{max(a.nodes)} nodes x {a.quota_us / a.period_us:g} core exceed this machine's {os.cpu_count()} cores")
+        sys.exit(f"{max(a.nodes)} nodes x {a.quota_us / a.period_us:g} core exceed the {os.cpu_count()} cores here")
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     paths = {m: MODEL_MAKERS[m]() for m in a.models}

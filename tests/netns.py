@@ -96,7 +96,7 @@ class Star:
             self._add_ns(self.ns_switch)
             _run("ip", "-n", self.ns_switch, "link", "add", "br0", "type", "bridge")
             _run("ip", "-n", self.ns_switch, "link", "set", "br0", "up")
-            for i, (ns, addr) in enumerate(zip(self.namespaces, self.addrs)):
+            for i, (ns, addr) in enumerate(zip(self.namespaces, self.addrs, strict=True)):
                 self._add_ns(ns)
                 host, port = f"{self.tag}-{i}h", f"{self.tag}-{i}s"
                 _run("ip", "link", "add", host, "type", "veth", "peer", "name", port)
