@@ -52,7 +52,19 @@ def synthetic_8kv_24l() -> str:
     return path
 
 
-MODEL_MAKERS = {"1b": synthetic_1b, "8kv-24l": synthetic_8kv_24l}
+def synthetic_tiny_8kv() -> str:
+    """Almost no compute (dim 256, 4 layers): the token time is the cost of the 8 exchanges and the logits."""
+    from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+
+    path = os.path.join(MODELS, "synth-tiny-8kv-q4_0.gguf")
+    if not os.path.exists(path):
+        os.makedirs(MODELS, exist_ok=True)
+        write_synthetic_gguf(path, **SHAPES["tiny-8kv"], weight_type="q4_0", seed=0)
+    return path
+
+
+MODEL_MAKERS = {"1b": synthetic_1b, "8kv-24l": synthetic_8kv_24l, "tiny-8kv": synthetic_tiny_8kv}
+DEFAULT_MODELS = ["1b", "8kv-24l"]
 
 
 # ---------------------------------------------------------------- the root node (runs inside its namespace/cgroup)
@@ -107,7 +119,7 @@ def node_root(a) -> None:
 class HomeCluster:
     """max_nodes namespaces on a 1 Gbit/s star, one CPU cgroup each; a run uses nodes 0..n-1 (0 = the root)."""
 
-    def __init__(self, max_nodes: int, quota_us: int, period_us: int, rate: str):
+    def __init__(self, max_nodes: int, quota_us: int, period_us: int, burst_us: int, rate: str | None):
         from cgroups import CpuCgroup
         from netns import Star
 
@@ -117,7 +129,7 @@ class HomeCluster:
         try:
             self.star = Star(max_nodes, tag=f"dlh{os.getpid() % 10000}", rate=rate)
             for i in range(max_nodes):
-                self.cgroups.append(CpuCgroup(quota_us, period_us, tag=f"dlhome{i}"))
+                self.cgroups.append(CpuCgroup(quota_us, period_us, burst_us=burst_us, tag=f"dlhome{i}"))
         except BaseException:
             self.close()
             raise
@@ -199,10 +211,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--n-decode", type=int, default=64)
     p.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--models", nargs="+", default=list(MODEL_MAKERS), choices=list(MODEL_MAKERS))
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODEL_MAKERS))
     p.add_argument("--quota-us", type=int, default=5000, help="CPU per period for each node (5000 = 0.5 core)")
     p.add_argument("--period-us", type=int, default=10000)
-    p.add_argument("--rate", default="1gbit", help="tbf rate of each link, each direction")
+    p.add_argument("--burst-us", type=int, default=0, help="CFS burst: unused quota a node may save up (0 = none)")
+    p.add_argument("--rate", default="1gbit", help="tbf rate of each link, each direction ('none': no limit)")
     p.add_argument("--buffer-float-type", default="q80", choices=["q80", "f32"])
     p.add_argument("--json", help="also write all results (every round) to this file")
     p.add_argument("--node-root", metavar="MODEL", help=argparse.SUPPRESS)
@@ -216,13 +229,14 @@ def main() -> None:
     cores = os.cpu_count() * a.period_us / a.quota_us
     if max(a.nodes) > cores + 1e-9:
         sys.exit(f"{max(a.nodes)} nodes x {a.quota_us / a.period_us:g} core exceed the {os.cpu_count()} cores here")
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: a background job starts with it ignored
+        signal.signal(sig, _interrupt)
     paths = {m: MODEL_MAKERS[m]() for m in a.models}
     setups = [(m, n) for m in a.models for n in a.nodes]
     results: dict = {s: [] for s in setups}
     print(f"load before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
-    cluster = HomeCluster(max(a.nodes), a.quota_us, a.period_us, a.rate)
+    rate = None if a.rate == "none" else a.rate
+    cluster = HomeCluster(max(a.nodes), a.quota_us, a.period_us, a.burst_us, rate)
     try:
         for r in range(a.rounds):
             for m, n in setups if r % 2 == 0 else setups[::-1]:
@@ -246,7 +260,8 @@ def main() -> None:
 def report(results: dict, a) -> None:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     budget = a.quota_us / a.period_us
-    print(f"\nhome cluster: each node {budget:g} core (CFS {a.quota_us}/{a.period_us} us), --nthreads 1, links "
+    burst = f", burst {a.burst_us} us" if a.burst_us else ""
+    print(f"\nhome cluster: each node {budget:g} core (CFS {a.quota_us}/{a.period_us} us{burst}), --nthreads 1, links "
           f"{a.rate} (tbf, both ways) via a bridge; decode {a.n_decode} tokens, sync {a.buffer_float_type}, "
           f"medians of {a.rounds} rounds")  # fmt: skip
     head = (f"{'model':<8} {'N':>2} {'tok/s':>6} {'x 1':>5} {'goal':>5} {'Pi 5':>5} {'ms/tok':>7} {'compute':>8} "

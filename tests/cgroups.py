@@ -79,9 +79,10 @@ class MemoryCgroup:
 class CpuCgroup:
     """A CPU budget of quota_us per period_us (5000 / 10000 = half a core; the short period keeps a throttled node
     from stalling the others for long at each synchronisation). v1: a group under the `cpu` hierarchy (plus one under
-    `cpuacct` for the usage); v2 (only if v1 has no `cpu` hierarchy): cpu.max, usage from cpu.stat."""
+    `cpuacct` for the usage); v2 (only if v1 has no `cpu` hierarchy): cpu.max, usage from cpu.stat. burst_us: unused
+    quota the group may save up and spend later (cfs_burst_us / cpu.max.burst), at most quota_us."""
 
-    def __init__(self, quota_us: int = 5000, period_us: int = 10000, tag: str = "dllama"):
+    def __init__(self, quota_us: int = 5000, period_us: int = 10000, burst_us: int = 0, tag: str = "dllama"):
         if os.geteuid() != 0:
             raise RuntimeError("CPU cgroups need root")
         if quota_us <= 0 or period_us < 1000:
@@ -95,6 +96,8 @@ class CpuCgroup:
                 self.path = self._mkdir(V1_CPU, name)
                 self._write("cpu.cfs_period_us", str(period_us))
                 self._write("cpu.cfs_quota_us", str(quota_us))
+                if burst_us:
+                    self._write("cpu.cfs_burst_us", str(burst_us))
                 self.acct = self._mkdir(V1_CPUACCT, name) if os.path.isdir(V1_CPUACCT) else None
             else:
                 with open(os.path.join(V2, "cgroup.controllers")) as f:
@@ -104,6 +107,8 @@ class CpuCgroup:
                     f.write("+cpu")
                 self.path = self._mkdir(V2, name)
                 self._write("cpu.max", f"{quota_us} {period_us}")
+                if burst_us:
+                    self._write("cpu.max.burst", str(burst_us))
                 self.acct = None
         except BaseException:
             self.close()
