@@ -107,7 +107,7 @@ def node_root(a) -> None:
     mark("DECODE-END")
     s = np.array(steps)
     print(json.dumps({
-        "nodes": root.n_nodes, "n_decode": a.n_decode, "decode_s": decode_s, "decode_tps": a.n_decode / decode_s,
+        "nodes": root.n_nodes, "n_layers": root.cfg.n_layers, "n_decode": a.n_decode, "decode_s": decode_s, "decode_tps": a.n_decode / decode_s,
         "ms_median": float(np.median(s[:, 0]) * 1e3), "compute_ms": float(s[:, 1].mean() * 1e3),
         "sync_ms": float(s[:, 2].mean() * 1e3), "sent_per_token": float(s[:, 3].mean()),
         "recv_per_token": float(s[:, 4].mean()), "load_s": load_s, "tokens": tokens,
@@ -265,22 +265,28 @@ def report(results: dict, a) -> None:
           f"{a.rate} (tbf, both ways) via a bridge; decode {a.n_decode} tokens, sync {a.buffer_float_type}, "
           f"medians of {a.rounds} rounds")  # fmt: skip
     head = (f"{'model':<8} {'N':>2} {'tok/s':>6} {'x 1':>5} {'goal':>5} {'Pi 5':>5} {'ms/tok':>7} {'compute':>8} "
-            f"{'sync':>6} {'root kB s/r':>12}  per node: cores used / throttled ms per token")  # fmt: skip
+            f"{'sync':>6} {'over/x':>6} {'root kB s/r':>12}  per node: cores used / throttled ms per token")  # fmt: skip
     print(head)
     for m in a.models:
         base = med([o["decode_tps"] for o in results[(m, 1)]]) if (m, 1) in results else None
+        base_ms = med([o["ms_median"] for o in results[(m, 1)]]) if (m, 1) in results else None
         for n in a.nodes:
             rs = results[(m, n)]
             tps = med([o["decode_tps"] for o in rs])
             ratio = f"{tps / base:5.2f}" if base else "    -"
+            ms = med([o["ms_median"] for o in rs])
+            # what each of the 2L exchanges per token costs beyond a perfect 1/N split of the one-node time
+            over = f"{1e3 * (ms - base_ms / n) / (2 * rs[0]['n_layers']):>6.0f}" if base_ms and n > 1 else "     -"
             goal = f"{GOALS[n]:5.1f}" if n in GOALS else "    -"
             pi = f"{ORIGINAL_PI5[n] / ORIGINAL_PI5[1]:5.2f}" if n in ORIGINAL_PI5 else "    -"
             nodes = " ".join(f"{med([o['node_cores'][i] for o in rs]):.2f}/{med([o['node_throttled_ms'][i] for o in rs]):.1f}"
                              for i in range(n))  # fmt: skip
-            print(f"{m:<8} {n:>2} {tps:>6.2f} {ratio} {goal} {pi} {med([o['ms_median'] for o in rs]):>7.1f} "
-                  f"{med([o['compute_ms'] for o in rs]):>8.1f} {med([o['sync_ms'] for o in rs]):>6.1f} "
+            print(f"{m:<8} {n:>2} {tps:>6.2f} {ratio} {goal} {pi} {ms:>7.1f} "
+                  f"{med([o['compute_ms'] for o in rs]):>8.1f} {med([o['sync_ms'] for o in rs]):>6.1f} {over} "
                   f"{med([o['sent_per_token'] for o in rs]) / 1e3:>5.1f}/{med([o['recv_per_token'] for o in rs]) / 1e3:<6.1f}"
                   f"  {nodes}")  # fmt: skip
+    print("(ms/tok, compute, sync: the root's median / mean ms per token; over/x: us per exchange beyond a perfect "
+          "split of the one-node time)")
     loads = [o["load_avg"] for rs in results.values() for o in rs]
     print(f"load average during the runs: {min(loads):.1f} .. {max(loads):.1f}")
 
