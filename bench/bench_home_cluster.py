@@ -174,6 +174,7 @@ class HomeCluster:
         out["load_avg"] = (load0 + load1) / 2
         pairs = list(zip(before, after, strict=True))
         out["node_cores"] = [(b["usage_s"] - a["usage_s"]) / d for a, b in pairs]
+        out["node_cpu_ms"] = [1e3 * (b["usage_s"] - a["usage_s"]) / n_decode for a, b in pairs]
         out["node_throttled_ms"] = [1e3 * (b["throttled_s"] - a["throttled_s"]) / n_decode for a, b in pairs]
         out["node_throttled_share"] = [(b["throttled"] - a["throttled"]) / max(1.0, b["periods"] - a["periods"])
                                        for a, b in pairs]  # fmt: skip
@@ -265,7 +266,7 @@ def report(results: dict, a) -> None:
           f"{a.rate} (tbf, both ways) via a bridge; decode {a.n_decode} tokens, sync {a.buffer_float_type}, "
           f"medians of {a.rounds} rounds")  # fmt: skip
     head = (f"{'model':<8} {'N':>2} {'tok/s':>6} {'x 1':>5} {'goal':>5} {'Pi 5':>5} {'ms/tok':>7} {'compute':>8} "
-            f"{'sync':>6} {'over/x':>6} {'root kB s/r':>12}  per node: cores used / throttled ms per token")  # fmt: skip
+            f"{'sync':>6} {'over/x':>6} {'root kB s/r':>12}  per node: CPU ms (cores) / throttled ms, per token")  # fmt: skip
     print(head)
     for m in a.models:
         base = med([o["decode_tps"] for o in results[(m, 1)]]) if (m, 1) in results else None
@@ -279,8 +280,8 @@ def report(results: dict, a) -> None:
             over = f"{1e3 * (ms - base_ms / n) / (2 * rs[0]['n_layers']):>6.0f}" if base_ms and n > 1 else "     -"
             goal = f"{GOALS[n]:5.1f}" if n in GOALS else "    -"
             pi = f"{ORIGINAL_PI5[n] / ORIGINAL_PI5[1]:5.2f}" if n in ORIGINAL_PI5 else "    -"
-            nodes = " ".join(f"{med([o['node_cores'][i] for o in rs]):.2f}/{med([o['node_throttled_ms'][i] for o in rs]):.1f}"
-                             for i in range(n))  # fmt: skip
+            nodes = " ".join(f"{med([o['node_cpu_ms'][i] for o in rs]):.1f}({med([o['node_cores'][i] for o in rs]):.2f})"
+                             f"/{med([o['node_throttled_ms'][i] for o in rs]):.1f}" for i in range(n))  # fmt: skip
             print(f"{m:<8} {n:>2} {tps:>6.2f} {ratio} {goal} {pi} {ms:>7.1f} "
                   f"{med([o['compute_ms'] for o in rs]):>8.1f} {med([o['sync_ms'] for o in rs]):>6.1f} {over} "
                   f"{med([o['sent_per_token'] for o in rs]) / 1e3:>5.1f}/{med([o['recv_per_token'] for o in rs]) / 1e3:<6.1f}"
