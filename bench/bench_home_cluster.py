@@ -119,13 +119,15 @@ def node_root(a) -> None:
 class HomeCluster:
     """max_nodes namespaces on a 1 Gbit/s star, one CPU cgroup each; a run uses nodes 0..n-1 (0 = the root)."""
 
-    def __init__(self, max_nodes: int, quota_us: int, period_us: int, burst_us: int, rate: str | None):
+    def __init__(self, max_nodes: int, quota_us: int, period_us: int, burst_us: int, rate: str | None,
+                 pin: bool = False):  # fmt: skip
         from cgroups import CpuCgroup
         from netns import Star
 
         self.star = None
         self.cgroups: list = []
         self.procs: list[subprocess.Popen] = []
+        self.pin = pin
         try:
             self.star = Star(max_nodes, tag=f"dlh{os.getpid() % 10000}", rate=rate)
             for i in range(max_nodes):
@@ -135,7 +137,8 @@ class HomeCluster:
             raise
 
     def _on_node(self, i: int, argv: list[str], **kw) -> subprocess.Popen:
-        p = subprocess.Popen([*self.cgroups[i].prefix(), *self.star.prefix(i), *argv], **kw)
+        pin = ["taskset", "-c", str(i % os.cpu_count())] if self.pin else []  # node i on core i mod cores
+        p = subprocess.Popen([*self.cgroups[i].prefix(), *self.star.prefix(i), *pin, *argv], **kw)
         self.procs.append(p)
         return p
 
@@ -218,6 +221,7 @@ def main() -> None:
     p.add_argument("--burst-us", type=int, default=0, help="CFS burst: unused quota a node may save up (0 = none)")
     p.add_argument("--rate", default="1gbit", help="tbf rate of each link, each direction ('none': no limit)")
     p.add_argument("--buffer-float-type", default="q80", choices=["q80", "f32"])
+    p.add_argument("--pin", action="store_true", help="pin node i to core i mod cores (taskset)")
     p.add_argument("--json", help="also write all results (every round) to this file")
     p.add_argument("--node-root", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--workers", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -237,7 +241,7 @@ def main() -> None:
     results: dict = {s: [] for s in setups}
     print(f"load before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     rate = None if a.rate == "none" else a.rate
-    cluster = HomeCluster(max(a.nodes), a.quota_us, a.period_us, a.burst_us, rate)
+    cluster = HomeCluster(max(a.nodes), a.quota_us, a.period_us, a.burst_us, rate, a.pin)
     try:
         for r in range(a.rounds):
             for m, n in setups if r % 2 == 0 else setups[::-1]:
@@ -261,7 +265,7 @@ def main() -> None:
 def report(results: dict, a) -> None:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     budget = a.quota_us / a.period_us
-    burst = f", burst {a.burst_us} us" if a.burst_us else ""
+    burst = (f", burst {a.burst_us} us" if a.burst_us else "") + (", node i pinned to core i mod cores" if a.pin else "")
     print(f"\nhome cluster: each node {budget:g} core (CFS {a.quota_us}/{a.period_us} us{burst}), --nthreads 1, links "
           f"{a.rate} (tbf, both ways) via a bridge; decode {a.n_decode} tokens, sync {a.buffer_float_type}, "
           f"medians of {a.rounds} rounds")  # fmt: skip
