@@ -104,7 +104,7 @@ def child_attention(kv: str, positions: list[int], threads: int, reps: int) -> d
         for seed in range(2 * shp["n_layers"]):  # every layer its own cache: they stream from memory
             x = np.random.default_rng(seed).standard_normal((nkv, P + 1, hd), dtype=np.float32)
             if has_types:
-                from dllama.engine import reference as ref
+                from dllama.testing import reference as ref
 
                 x = ref.kv_quantize(x, KV_TYPES[kv])
             caches.append(x)

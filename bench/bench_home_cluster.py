@@ -42,7 +42,7 @@ PROMPT = [256, *b"Once upon a time, in a small house by the sea, there lived an 
 
 
 def synthetic_8kv_24l() -> str:
-    from dllama.model.synthetic import write_synthetic_gguf
+    from dllama.testing.synthetic import write_synthetic_gguf
 
     path = os.path.join(MODELS, "synth-8kv-24l-q4_0.gguf")
     if not os.path.exists(path):
@@ -54,7 +54,7 @@ def synthetic_8kv_24l() -> str:
 
 def synthetic_tiny_8kv() -> str:
     """Almost no compute (dim 256, 4 layers): the token time is the cost of the 8 exchanges and the logits."""
-    from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+    from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 
     path = os.path.join(MODELS, "synth-tiny-8kv-q4_0.gguf")
     if not os.path.exists(path):

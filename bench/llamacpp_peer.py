@@ -35,7 +35,7 @@ CMAKE_ARGS = (
 _SELF_CHECK = r"""
 import math, os, sys, tempfile
 import llama_cpp
-from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 with tempfile.TemporaryDirectory() as d:
     path = write_synthetic_gguf(os.path.join(d, "check.gguf"), **SHAPES["tiny"], weight_type="q4_0", seed=1)
     llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=1, verbose=False)

@@ -11,7 +11,7 @@ MODELS = os.path.join(HERE, "models")
 
 def synthetic_1b() -> str:
     """Llama-3.2-1B-like shape, random weights (seed 0), all matrices Q4_0."""
-    from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+    from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 
     path = os.path.join(MODELS, "synth-1b-q4_0.gguf")
     if not os.path.exists(path):

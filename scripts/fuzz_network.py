@@ -31,12 +31,12 @@ import numpy as np
 
 from dllama.engine.engine import slot_of
 from dllama.model.gguf_model import GGUFModel
-from dllama.model.synthetic import SHAPES, write_synthetic_gguf
 from dllama.net import messages as M
 from dllama.net import protocol as P
 from dllama.net.conn import Conn
 from dllama.runtime.root import Root
 from dllama.split.plan import SplitPlan
+from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 
 SECRET = "fuzz-secret"
 HANG_S = 15.0  # the worker's handshake deadline is 10 s; a connection still open after this is a hang

@@ -34,7 +34,7 @@ def default_f32(tmp_path_factory, default_model) -> str:
 @pytest.fixture(scope="session")
 def tiny8(tmp_path_factory):
     """Synthetic models with 8 KV heads (so 2..8 nodes are possible): {'f32': path, 'q4_0': path}."""
-    from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+    from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 
     d = tmp_path_factory.mktemp("tiny8")
     return {wt: write_synthetic_gguf(str(d / f"tiny8-{wt}.gguf"), **SHAPES["tiny-8kv"], weight_type=wt, seed=3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader, GGUFValueType
 
-from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 
 V = GGUFValueType
 _SCALAR = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",

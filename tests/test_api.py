@@ -487,8 +487,8 @@ def _numpy_reference_logprobs(ids: list[int]):
     """log-softmax of the NumPy reference model's logits after each of `ids`: [(lp vector, argmax)]."""
     import numpy as np
 
-    from dllama.engine import reference
     from dllama.model.default import default_model_path
+    from dllama.testing import reference
 
     out = []
     for z in reference.forward(default_model_path(), ids):

@@ -7,10 +7,10 @@ architectures is in tests/test_hf_convert.py."""
 import numpy as np
 import pytest
 
-from dllama.engine import reference as ref
 from dllama.model.gguf_model import GGUFModel
-from dllama.model.synthetic import write_synthetic_gguf
 from dllama.runtime.root import Root
+from dllama.testing import reference as ref
+from dllama.testing.synthetic import write_synthetic_gguf
 
 QUIET = {"log": lambda *a: None}
 BASE = dict(dim=128, hidden_dim=256, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=32, vocab_size=512)

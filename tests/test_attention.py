@@ -11,7 +11,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from dllama.engine import _kernels as K
-from dllama.engine import reference as ref
+from dllama.testing import reference as ref
 
 _BEST = K.simd_info()["best"]
 SIMD_LEVELS = sorted({K.SIMD_SCALAR, _BEST} | ({K.SIMD_AVX2} if _BEST > K.SIMD_AVX2 else set()))

@@ -241,7 +241,7 @@ def no_tokenizer_gguf(tmp_path_factory):
     """A small synthetic model with every tokenizer.* key removed (as some hand-made GGUFs come)."""
     import gguf
 
-    from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+    from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 
     d = tmp_path_factory.mktemp("notok")
     src = write_synthetic_gguf(str(d / "src.gguf"), **SHAPES["tiny"], weight_type="f32", seed=1)

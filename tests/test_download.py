@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

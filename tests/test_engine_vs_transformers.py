@@ -15,10 +15,10 @@ from test_hf_convert import (
     sentencepiece_bpe_tokenizer,
 )
 
-from dllama.engine import reference as ref
 from dllama.model.gguf_model import GGUFModel
 from dllama.model.hf_convert import convert_hf
 from dllama.runtime.root import Root
+from dllama.testing import reference as ref
 
 QUIET = {"log": lambda *a: None}
 KINDS = {

@@ -6,7 +6,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from dllama.engine import _kernels as K
-from dllama.engine import reference as ref
+from dllama.testing import reference as ref
 
 _BEST = K.simd_info()["best"]
 # scalar, plain AVX2 (when the build also has VNNI) and the best compiled path
@@ -193,7 +193,7 @@ def test_bad_sizes_raise_value_error():
 
 def test_engine_forward_matches_numpy_reference_model(tiny8):
     """The whole C forward pass (prompt batch, then decode steps over the KV cache) against the float64 NumPy
-    model in engine/reference.py, on F32 weights (no activation quantization)."""
+    model in testing/reference.py, on F32 weights (no activation quantization)."""
     from dllama.model.gguf_model import GGUFModel
     from dllama.runtime.root import Root
 

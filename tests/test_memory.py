@@ -11,8 +11,8 @@ import pytest
 from cgroups import MemoryCgroup
 
 from dllama.model.gguf_model import GGUFModel
-from dllama.model.synthetic import SHAPES, write_synthetic_gguf
 from dllama.runtime.root import Root
+from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 
 MARGIN = 10 / 100, 160 << 20  # 10 % + 160 MB over slice + KV: the runtime (~130 MB) and buffers
 SECRET = "mem-secret"

@@ -108,7 +108,7 @@ def test_f32_logits_equal_the_source_f32_gguf_on_1_and_2_nodes(smol, default_f32
 
 
 def test_synthetic_8kv_logits_on_1_and_2_nodes(tmp_path, workers):
-    from dllama.model.synthetic import SHAPES, write_synthetic_gguf
+    from dllama.testing.synthetic import SHAPES, write_synthetic_gguf
 
     src = write_synthetic_gguf(str(tmp_path / "tiny8.gguf"), **SHAPES["tiny-8kv"], weight_type="f32", seed=5)
     ow.write_m_from_gguf(src, tmp_path / "tiny8.m", "f32")

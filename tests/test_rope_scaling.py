@@ -1,15 +1,15 @@
 """Llama 3.1 `rope_freqs` (per-pair frequency divisors) and linear rope scaling, on synthetic models carrying those
-keys, against the NumPy reference (`dllama.engine.reference.forward` reads the keys with gguf-py and computes rope
+keys, against the NumPy reference (`dllama.testing.reference.forward` reads the keys with gguf-py and computes rope
 on its own). A model without the keys is checked to give different logits, so the keys are really used."""
 
 import gguf
 import numpy as np
 import pytest
 
-from dllama.engine import reference as ref
 from dllama.model.gguf_model import GGUFModel
-from dllama.model.synthetic import write_synthetic_gguf
 from dllama.runtime.root import Root
+from dllama.testing import reference as ref
+from dllama.testing.synthetic import write_synthetic_gguf
 
 QUIET = {"log": lambda *a: None}
 IDS = [5, 300, 17, 256, 99, 100, 42, 7, 8, 9, 400, 33]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from dllama.model.synthetic import (
+from dllama.testing.synthetic import (
     BOS_ID,
     EOS_ID,
     MERGES,

@@ -1,5 +1,5 @@
 /* Row kernels: quantize, dequantize, dot products (scalar, AVX2, AVX-512 VNNI, NEON), norms, activations.
- * Every function here has a NumPy reference in dllama/engine/reference.py and a test comparing the two. */
+ * Every function here has a NumPy reference in dllama/testing/reference.py and a test comparing the two. */
 #include <math.h>
 
 #include "common.h"

@@ -1,4 +1,4 @@
-/* Test and benchmark entry points: each kernel alone on NumPy buffers (compared with engine/reference.py in the
+/* Test and benchmark entry points: each kernel alone on NumPy buffers (compared with testing/reference.py in the
  * tests), and switches for the SIMD level and the repacked layout. Not used by the product. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

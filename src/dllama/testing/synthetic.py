@@ -389,7 +389,7 @@ def _finish(w: gguf.GGUFWriter, tname: str, buf: np.ndarray, futs: list[Future],
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m dllama.model.synthetic", description="Write a random-weight llama GGUF model."
+        prog="python -m dllama.testing.synthetic", description="Write a random-weight llama GGUF model."
     )
     ap.add_argument("out")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
