@@ -147,7 +147,7 @@ class AuthFuzzer:
             self.tensors.append(head + bytes(v.contiguous()))
 
     def setup(self, rng: random.Random) -> bytes:
-        s = M.Setup(self.plan.cfg, self.plan.weights, self.plan.nodes, 1, 32, 4, "q80", ("root", "127.0.0.1:1"),
+        s = M.Setup(self.plan.cfg, self.plan.split_weights, self.plan.nodes, 1, 32, 4, "q80", ("root", "127.0.0.1:1"),
                     rng.randbytes(16), False, bytes(32))  # fmt: skip
         return s.encode()
 

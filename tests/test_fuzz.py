@@ -35,7 +35,7 @@ CFG = ModelConfig(arch="llama", dim=128, hidden_dim=384, n_layers=2, n_heads=4, 
 
 def _setup(**over) -> M.Setup:
     plan = SplitPlan.make(CFG, 2)
-    s = M.Setup(plan.cfg, plan.weights, plan.nodes, 1, 64, 8, "q80", ("root", "127.0.0.1:1"), bytes(range(16)), False,
+    s = M.Setup(plan.cfg, plan.split_weights, plan.nodes, 1, 64, 8, "q80", ("root", "127.0.0.1:1"), bytes(range(16)), False,
                 bytes(32))  # fmt: skip
     return dataclasses.replace(s, **over)
 
