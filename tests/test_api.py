@@ -389,8 +389,10 @@ def test_two_nodes_answer_and_a_dead_worker_gives_503():
                                       temperature=temperature, seed=1).choices[0].logprobs  # fmt: skip
             tops[temperature] = lp.top_logprobs[0]
             assert abs(math.exp(tops[temperature][" Paris"]) - 0.7725) < 0.03, (temperature, lp)
-        # greedy too: the other node then sends all its logits, not only its best, so the same distribution
-        assert tops[0.0] == tops[0.5]
+        # greedy too: the other node then sends all its logits, not only its best, so the same distribution (the
+        # repeated prompt's last token runs alone, not in a batch: equal to arithmetic noise)
+        assert tops[0.0].keys() == tops[0.5].keys()
+        assert all(abs(tops[0.0][k] - tops[0.5][k]) < 1e-4 for k in tops[0.0])
 
         workers = _children(s.proc.pid)
         assert len(workers) == 1
@@ -528,7 +530,9 @@ def test_completion_logprobs_match_the_numpy_reference(client):
     hot = client.completions.create(
         model="any", prompt=ids, max_tokens=1, logprobs=5, temperature=2.0, seed=3
     )
-    assert hot.choices[0].logprobs.top_logprobs[0] == lp.top_logprobs[0]
+    hot_top = hot.choices[0].logprobs.top_logprobs[0]
+    assert hot_top.keys() == lp.top_logprobs[0].keys()  # equal up to arithmetic noise (a batch vs a single step)
+    assert all(abs(hot_top[k] - lp.top_logprobs[0][k]) < 1e-4 for k in hot_top)
 
 
 def test_chat_logprobs_streamed_and_not(client):
@@ -549,7 +553,8 @@ def test_chat_logprobs_streamed_and_not(client):
     streamed = [
         t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content
     ]
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, content, strict=True))
     # logprobs without alternatives
     bare = ask(client, "Hi", max_tokens=3, logprobs=True).choices[0].logprobs.content
     assert len(bare) == 3 and all(t.top_logprobs == [] for t in bare)

@@ -79,8 +79,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-storage", choices=["ram", "disk"], default="ram",
         help="disk: the KV cache in a memory-mapped file (long contexts on small machines); workers too",
     )
-    p.add_argument("--kv-cache-type", choices=["f32", "f16", "q8_0"], default="f16",
-                   help="type of the cached keys and values (default f16: half of f32's memory)")
+    p.add_argument("--kv-cache-type", choices=["f32", "f16", "q8_0"], default="f32",
+                   help="type of the cached keys and values (f16 halves the memory, q8_0 nearly quarters it)")
     p.add_argument("--kv-cache-dir", metavar="DIR", help="directory of the disk KV cache (default: the temp directory)")
     p.add_argument(
         "--chat-template",

@@ -46,7 +46,7 @@ class Root:
     def __init__(self, model: GGUFModel, *, nthreads: int = 1, max_seq: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, workers: list[str] | None = None, split_weights=None,
                  sync: str = "q80", secret: str | None = None, check_residual: bool | None = None,
-                 kv_storage: str = "ram", kv_dir: str | None = None, kv_type: str = "f16", dry_run: bool = False,
+                 kv_storage: str = "ram", kv_dir: str | None = None, kv_type: str = "f32", dry_run: bool = False,
                  log=None):  # fmt: skip
         self.model = model
         self.cfg = cfg = model.config

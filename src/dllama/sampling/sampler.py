@@ -32,7 +32,9 @@ class Sampler:
                 cand = np.arange(len(p))
             order = cand[np.argsort(-p[cand], kind="stable")]
             cum = np.cumsum(p[order])
-            keep = order[: int(np.searchsorted(cum, self.top_p)) + 1]
+            # the draw walks the nucleus in token-id order, not probability order: two near-equal tail tokens
+            # swapping places under 1e-7 of arithmetic noise must not change what a seed picks
+            keep = np.sort(order[: int(np.searchsorted(cum, self.top_p)) + 1])
             q = p[keep] / p[keep].sum()
             return int(keep[self.rng.choice(len(keep), p=q)])
         return int(self.rng.choice(len(p), p=p))

@@ -36,7 +36,7 @@ class RuntimeConfig:
     chat_template: str | None = None  # a built-in name or a Jinja file replacing the model's template
     max_batch: int | None = None  # tokens per forward pass (default: dllama.runtime.root.DEFAULT_MAX_BATCH)
     kv_storage: str = "ram"  # "disk": the KV cache in a memory-mapped file
-    kv_type: str = "f16"  # f32, f16 or q8_0
+    kv_type: str = "f32"  # f32, f16 or q8_0
     kv_dir: str | None = None
 
     @classmethod
@@ -46,7 +46,7 @@ class RuntimeConfig:
                    local_workers=g("local_workers", 0) or 0, split_weights=tuple(g("weights")) if g("weights") else None,
                    sync=g("buffer_float_type", "q80"), secret=g("secret"), tokenizer=g("tokenizer"),
                    chat_template=g("chat_template"), max_batch=g("batch"), kv_storage=g("kv_cache_storage", "ram") or "ram",
-                   kv_dir=g("kv_cache_dir"), kv_type=g("kv_cache_type", "f16") or "f16")  # fmt: skip
+                   kv_dir=g("kv_cache_dir"), kv_type=g("kv_cache_type", "f32") or "f32")  # fmt: skip
 
 
 def _is_original_model(path: str | None) -> bool:
@@ -139,9 +139,9 @@ def load_tokenizer(cfg: RuntimeConfig, path: str, model: GGUFModel) -> Tokenizer
     replace = cfg.tokenizer and not _is_original_model(cfg.model)
     try:
         tok = Tokenizer.from_gguf(path)  # reads the vocabulary only when its cache is cold
-    except ValueError as e:  # the file carries no tokenizer
+    except (ValueError, DllamaError) as e:  # the file carries no (usable) tokenizer
         if not replace:
-            raise DllamaError(f"{path}: {e}; give a tokenizer.json with --tokenizer") from None
+            raise DllamaError(f"{e}; give a tokenizer.json with --tokenizer") from None
         tok = None
     if replace:
         tok = tokenizer_from_json(cfg.tokenizer, tok, model.config.vocab_size)

@@ -39,6 +39,7 @@ struct engine {
     float *q, *k, *v;  /* [B][nh*hd], [B][nkv*hd], [B][nkv*hd] */
     float *att;        /* [B][nh*hd] */
     float *hb;         /* [B][hidden] */
+    float *ub;         /* [B][hidden] `up` when gate and up differ in layout (no fused kernel for the pair) */
     block_q8_0 *xq;    /* [B][maxc/32] quantized activations */
     float *xs, *xd;    /* [B][maxc/32] per-block d*sum(q), d */
     float *scratch;    /* attention_scratch_floats() floats */
@@ -86,7 +87,7 @@ void engine_destroy(engine *e) {
     free(e->owned);
     free(e->lt); free(e->xt);
     if (e->kv_map) munmap(e->kv_map, e->kv_map_bytes);
-    else { free(e->kc); free(e->vc); } free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb);
+    else { free(e->kc); free(e->vc); } free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb); free(e->ub);
     free(e->xq); free(e->xs); free(e->xd); free(e->scratch);
     free(e->router); free(e->route_tok); free(e->route_w); free(e->route_n); free(e->xg); free(e->yg);
     free(e->sbuf); free(e->rbuf); free(e->acc); free(e->residual);
@@ -143,11 +144,12 @@ engine *engine_create(const engine_config *cfg, const float *cos_t, const float 
     e->v = (float *)calloc(B * (kd ? kd : 1), 4);
     e->att = (float *)calloc(B * (qd ? qd : 1), 4);
     e->hb = (float *)calloc(B * (c->hidden ? c->hidden : 1), 4);
+    e->ub = (float *)calloc(B * (c->hidden ? c->hidden : 1), 4);
     e->xq = (block_q8_0 *)calloc(B * (maxc / QK), sizeof(block_q8_0));
     e->xs = (float *)calloc(B * (maxc / QK), 4);
     e->xd = (float *)calloc(B * (maxc / QK), 4);
     e->scratch = (float *)calloc(attention_scratch_floats(c->nthreads, c->max_seq, c->head_dim, c->n_heads, c->max_batch), 4);
-    int ok = e->lt && e->xt && e->kc && e->vc && e->xb && e->q && e->k && e->v && e->att && e->hb && e->xq && e->xs &&
+    int ok = e->lt && e->xt && e->kc && e->vc && e->xb && e->q && e->k && e->v && e->att && e->hb && e->ub && e->xq && e->xs &&
              e->xd && e->scratch;
     if (c->n_experts) {
         const size_t ne = (size_t)c->n_experts;
@@ -331,7 +333,15 @@ static void swiglu_ffn(engine *e, const float *x, int T, const tensor *wg, const
     const engine_config *c = &e->c;
     act a;
     act_prepare(&a, x, T, c->dim, e->xq, e->xs, e->xd, type_is_quant(wg->type) || type_is_quant(wu->type));
-    matmul_swiglu(e->pool, &a, wg, wu, e->hb, c->hidden);
+    if (type_is_x8(wg->type) == type_is_x8(wu->type) && type_is_quant(wg->type) == type_is_quant(wu->type)) {
+        matmul_swiglu(e->pool, &a, wg, wu, e->hb, c->hidden);
+    } else { /* e.g. a repacked Q8_0 gate beside an F32 up: two plain matmuls, then silu(g) * u */
+        const tensor w2[2] = {*wg, *wu};
+        float *const y2[2] = {e->hb, e->ub};
+        const int ld2[2] = {c->hidden, c->hidden};
+        matmul(e->pool, &a, 2, w2, y2, ld2);
+        silu_mul(e->hb, e->ub, T * c->hidden);
+    }
     act_prepare(&a, e->hb, T, c->hidden, e->xq, e->xs, e->xd, type_is_quant(wd->type));
     float *const yd[1] = {y};
     const int ldd[1] = {c->dim};

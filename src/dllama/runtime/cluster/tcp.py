@@ -40,7 +40,7 @@ class Settings:
     check_residual: bool = False
     weight_bytes: tuple[int, ...] = ()  # exact bytes of each node's slice, so a worker can refuse before allocating
     kv_storage: str = "ram"
-    kv_type: str = "f16"
+    kv_type: str = "f32"
 
 
 class TcpCluster:
