@@ -182,7 +182,8 @@ def test_max_tokens_and_max_completion_tokens(client):
 def test_stop_strings_are_never_emitted(client, stream):
     prompt = "Once upon a time"
     full = client.completions.create(model="any", prompt=prompt, max_tokens=40).choices[0].text
-    assert "Nova Haven was" in full, full  # a multi-token stop string well inside the text
+    # a multi-token stop string well inside the text (" Nova" / " New" before it is a near-tie of the model)
+    assert "Haven was a" in full and "city of" in full, full
 
     def complete(stop):
         if not stream:
@@ -194,9 +195,10 @@ def test_stop_strings_are_never_emitted(client, stream):
         text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
         return text, chunks[-1].choices[0].finish_reason
 
-    for stop in ("Nova Haven was", ["never appears", "Nova Haven was"], ["Haven", "Nova"]):
+    for stop, cut in (("Haven was a", "Haven was a"), (["never appears", "Haven was a"], "Haven was a"),
+                      (["Haven", "city of"], "city of")):  # fmt: skip
         text, finish = complete(stop)
-        assert text == full[: full.index("Nova")], (stop, text)
+        assert text == full[: full.index(cut)], (stop, text)
         assert finish == "stop"
     text, finish = complete("never appears")
     assert text == full and finish == "length"
