@@ -8,6 +8,7 @@ secret."""
 from __future__ import annotations
 
 import gc
+import select
 import socket
 import sys
 import threading
@@ -24,6 +25,21 @@ from dllama.runtime.worker_session import DATA_TIMEOUT, HANDSHAKE_TIMEOUT, Worke
 
 MAX_HANDSHAKES = 32  # connections allowed to be in the handshake at once
 
+
+def _drain(sock: socket.socket, seconds: float = 1.0) -> None:
+    """After telling the root why we give up: half-close and read what it is still sending for a moment, so
+    closing with unread data does not reset the connection and destroy our explanation on the way. Runs on a
+    duplicate of the socket, in its own thread: the worker is free for the next root meanwhile."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0 and select.select([sock], [], [], left)[0]:
+            if not sock.recv(1 << 16):  # the root closed too
+                break
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 class WorkerServer:
     def __init__(self, host: str, port: int, *, nthreads: int = 1, secret: str | None = None,
@@ -141,6 +157,7 @@ class WorkerServer:
             self.log(f"session ended: {e}")
             if not isinstance(e, P.PeerClosed):
                 P.send_error(conn, str(e))
+                threading.Thread(target=_drain, args=(conn.sock.dup(),), daemon=True).start()
         except Exception as e:  # noqa: BLE001 - report, then clean up like any other failed session
             self.log(f"session ended by an internal error: {type(e).__name__}: {e}")
             P.send_error(conn, f"internal error on the worker: {type(e).__name__}")
