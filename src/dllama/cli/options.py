@@ -65,7 +65,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nthreads",
         type=positive_int,
-        help="compute threads on this node (default: all cores, shared fairly with --local-workers)",
+        help="compute threads on this node (default: the CPUs this process may use - affinity and cgroup CPU "
+        "quota - shared fairly with --local-workers)",
     )
     p.add_argument(
         "--max-seq-len", type=positive_int, help="context size / KV cache length (default: the model's)"

@@ -10,15 +10,15 @@ import sys
 from dllama.cli import options
 from dllama.errors import DllamaError
 from dllama.model.default import resolve_model
+from dllama.runtime.threads import default_threads
 
 
 def register(sub) -> None:
     p = sub.add_parser("worker", help="run a worker node that computes its slice of every layer for a root")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=9990, help="port to listen on (0 = any free port)")
-    p.add_argument(
-        "--nthreads", type=options.positive_int, default=os.cpu_count() or 1, help="compute threads"
-    )
+    p.add_argument("--nthreads", type=options.positive_int, default=default_threads(),
+                   help="compute threads (default: the CPUs this process may use: affinity and cgroup quota)")
     p.add_argument("--secret", help="cluster secret the root must prove it knows (default: $DLLAMA_SECRET)")
     p.add_argument("--model", help="a local copy of the model: the slice is read from it instead of received")
     p.add_argument("--kv-cache-dir", help="directory of the KV cache file when a root asks for disk storage "

@@ -14,17 +14,11 @@ from dataclasses import dataclass
 from dllama.errors import DllamaError
 from dllama.model.config import ModelConfig
 from dllama.model.weight_types import row_bytes
+from dllama.runtime.cgroup import group_dirs
+from dllama.runtime.cgroup import read as _read
 
 RUNTIME_BYTES = 120 << 20  # the interpreter, NumPy, gguf-py, tokenizers, threads: measured ~45-100 MB RSS
 _NO_LIMIT = 1 << 60
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def _stat(text: str | None, key: str) -> int:
@@ -38,26 +32,17 @@ def _stat(text: str | None, key: str) -> int:
 def cgroup_available() -> int | None:
     """Bytes the process's memory cgroup still allows (limit minus non-reclaimable usage), or None without limit."""
     best = None
-    for line in (_read("/proc/self/cgroup") or "").splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controllers == "" or "memory" in controllers.split(","):
-            v2 = controllers == ""
-            root = "/sys/fs/cgroup/unified" if v2 and os.path.isdir("/sys/fs/cgroup/unified") else "/sys/fs/cgroup"
-            if not v2:
-                root = "/sys/fs/cgroup/memory"
-            parts = [p for p in path.split("/") if p]
-            for depth in range(len(parts), -1, -1):  # the group and every ancestor: the tightest limit wins
-                d = os.path.join(root, *parts[:depth])
-                if v2:
-                    limit, usage = _read(f"{d}/memory.max"), _read(f"{d}/memory.current")
-                    cache = _stat(_read(f"{d}/memory.stat"), "file")
-                else:
-                    limit, usage = _read(f"{d}/memory.limit_in_bytes"), _read(f"{d}/memory.usage_in_bytes")
-                    cache = _stat(_read(f"{d}/memory.stat"), "total_cache")
-                if not limit or not limit.isdigit() or int(limit) >= _NO_LIMIT or not usage or not usage.isdigit():
-                    continue
-                free = int(limit) - max(0, int(usage) - cache)  # page cache is reclaimable
-                best = free if best is None else min(best, free)
+    for v2, d in group_dirs("memory"):
+        if v2:
+            limit, usage = _read(f"{d}/memory.max"), _read(f"{d}/memory.current")
+            cache = _stat(_read(f"{d}/memory.stat"), "file")
+        else:
+            limit, usage = _read(f"{d}/memory.limit_in_bytes"), _read(f"{d}/memory.usage_in_bytes")
+            cache = _stat(_read(f"{d}/memory.stat"), "total_cache")
+        if not limit or not limit.isdigit() or int(limit) >= _NO_LIMIT or not usage or not usage.isdigit():
+            continue
+        free = int(limit) - max(0, int(usage) - cache)  # page cache is reclaimable
+        best = free if best is None else min(best, free)
     return best
 
 

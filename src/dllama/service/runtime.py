@@ -15,6 +15,7 @@ from dllama.model.gguf_model import GGUFModel
 from dllama.runtime.local_workers import LocalWorkers
 from dllama.runtime.root import DEFAULT_MAX_BATCH, Root
 from dllama.runtime.session import Session, check_prompt_length
+from dllama.runtime.threads import default_threads
 from dllama.tokenizer import Tokenizer
 
 
@@ -25,7 +26,7 @@ def log(msg: str) -> None:
 @dataclass(frozen=True)
 class RuntimeConfig:
     model: str | None = None  # path (default: the default model)
-    nthreads: int | None = None  # None: the machine's cores, shared fairly with local workers
+    nthreads: int | None = None  # None: the CPUs this process may use, shared fairly with local workers
     max_seq: int | None = None
     workers: tuple[str, ...] = ()
     local_workers: int = 0
@@ -170,15 +171,15 @@ class Runtime:
         self.tokenizer = load_tokenizer(cfg, path, model)
         name = os.path.basename(cfg.model if _is_original_model(cfg.model) else path)
         self.model_id = name.removesuffix(".gguf").removesuffix(".m")
-        # local workers share this machine's cores: oversubscribing them costs ~30 %
-        self.nthreads = cfg.nthreads or max(1, (os.cpu_count() or 1) // (1 + cfg.local_workers))
+        # local workers share this machine's CPUs (affinity and cgroup quota): oversubscribing them costs ~30 %
+        self.nthreads = cfg.nthreads or default_threads(1 + cfg.local_workers)
         secret = cfg.secret or os.environ.get("DLLAMA_SECRET")
         workers = list(cfg.workers)
         self.local = None
         if cfg.local_workers:
             if cfg.secret:
                 raise DllamaError("--secret cannot be combined with --local-workers (they use their own secret)")
-            self.local = LocalWorkers(cfg.local_workers, nthreads=1)
+            self.local = LocalWorkers(cfg.local_workers, nthreads=default_threads(1 + cfg.local_workers))
             workers += self.local.addresses
             secret = self.local.secret
         try:
