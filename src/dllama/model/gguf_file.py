@@ -21,6 +21,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32, 7: np.bool_,
        10: np.uint64, 11: np.int64, 12: np.float64}  # fmt: skip
+_U64 = struct.Struct("<Q")
 SMALL_ARRAY = 4096  # arrays up to this many items are decoded with the metadata; longer ones on demand
 MAX_DIMS = 4
 
@@ -135,12 +136,21 @@ class GGUFFile:
             self._corrupt(f"array {key!r} claims {count} strings")
         if count <= SMALL_ARRAY:
             return [self._string() for _ in range(count)]
-        for _ in range(count):  # skip over, checking each length
-            (n,) = self._unpack("<Q")
-            if n > self.size - self.pos:
-                self._corrupt(f"a string of {n} bytes in {key!r}")
-            self.pos += n
+        self.pos = self._skip_strings(count, key)
         return LazyArray(itype, count, first)
+
+    def _skip_strings(self, count: int, key: str) -> int:
+        """Offset after `count` strings from self.pos, each length checked (a tight loop: the vocabulary and the
+        merges are ~100k strings, skipped at every start)."""
+        buf, pos, end, unpack = self._buf, self.pos, self.size, _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                self._corrupt(f"array {key!r} runs past the end of the file")
+            (n,) = unpack(buf, pos)
+            pos += 8 + n
+            if pos > end:
+                self._corrupt(f"a string of {n} bytes in {key!r}")
+        return pos
 
     def array(self, key: str) -> list:
         """The items of an array field, decoded now (small arrays were already)."""
@@ -149,10 +159,11 @@ class GGUFFile:
             return v
         if v.item_type in _NP:
             return np.frombuffer(self.data, dtype=_NP[v.item_type], count=v.count, offset=v.offset).tolist()
-        out, pos, buf = [], v.offset, self._buf
-        for _ in range(v.count):
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            out.append(bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", "replace"))
+        out, pos, buf, unpack = [], v.offset, self._buf, _U64.unpack_from
+        append = out.append
+        for _ in range(v.count):  # lengths were checked when the array was skipped over
+            (n,) = unpack(buf, pos)
+            append(str(buf[pos + 8 : pos + 8 + n], "utf-8", "replace"))
             pos += 8 + n
         return out
 

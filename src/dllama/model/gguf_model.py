@@ -138,9 +138,10 @@ class GGUFModel:
                     raise DllamaError(f"tensor 'blk.{layer}.{spec.name}' must be F32")
         check_small_tensors_finite(self.tensors)
 
-    def release(self, v: TensorView) -> None:
-        """Drop the file pages under view `v` from this process and the page cache: the node does not read them
-        again (a worker's slice that was shipped, a tensor the engine copied). The mapping stays valid."""
+    def release(self, v: TensorView, evict: bool = True) -> None:
+        """Drop the file pages under view `v` from this process (the node does not read them again: a worker's
+        slice that was shipped, a tensor the engine copied) and, with `evict`, from the page cache too, so a
+        memory-limited cgroup is not charged for them. The mapping stays valid."""
         for f, part in zip(self.files, self.parts, strict=True):
             mm = f.data
             start = v.base.ctypes.data + v.offset - mm.ctypes.data
@@ -152,11 +153,12 @@ class GGUFModel:
             raw = getattr(mm, "_mmap", None)
             if raw is not None and hi > lo:
                 raw.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-            fd = os.open(part, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            if evict and hi > lo:
+                fd = os.open(part, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
             return
 
     # ---- accessors ----

@@ -6,6 +6,7 @@ split is aligned to the type's block by construction."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class WeightType:
         return cols // self.block * self.block_bytes
 
 
+@functools.lru_cache(maxsize=64)  # on the per-token path (embedding rows): an enum lookup per call adds up
 def weight_type(qtype: int) -> WeightType:
     try:
         q = QT(int(qtype))
