@@ -228,15 +228,20 @@ def _llama3_rope_factors(h: Hyper) -> np.ndarray | None:
     if str(rope.get("rope_type", rope.get("type", ""))).lower() != "llama3":
         return None
     base = float(rope.get("rope_theta", h.hp.get("rope_theta", 10000.0)))
-    dim = h.head_dim
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    factor = rope.get("factor", 8.0)
-    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", h.hp.get("original_max_position_embeddings", 8192))
+    return llama3_rope_divisors(base, h.head_dim, rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0),
+                                rope.get("high_freq_factor", 4.0), old_ctx)  # fmt: skip
+
+
+def llama3_rope_divisors(base: float, dim: int, factor: float, low: float, high: float,
+                         old_ctx: float) -> np.ndarray:  # fmt: skip
+    """Llama 3.1 rope scaling as llama.cpp's converters write it (`rope_freqs.weight`): one divisor per frequency
+    pair, 1 for high frequencies, `factor` for low ones, smoothly in between. Shared by every converter."""
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
     out = []
     for freq in freqs:
-        wavelen = 2 * math.pi / freq
+        wavelen = 2 * math.pi / float(freq)
         if wavelen < high_wavelen:
             out.append(1.0)
         elif wavelen > low_wavelen:

@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from dllama.errors import DllamaError
+from dllama.model.hf_convert import llama3_rope_divisors, permute
 from dllama.model.original_tokenizer import add_tokenizer_metadata, read_tokenizer
 
 MODEL_MAGIC = 0x0A00ABCD
@@ -259,28 +260,8 @@ def tensor_entries(h: OriginalHeader) -> list[Entry]:
 def llama3_rope_factors(h: OriginalHeader) -> np.ndarray:
     """llama.cpp's `rope_freqs.weight` (per frequency divisor), computed the way its HF converter does; the
     original applies the same Llama 3.1 scaling to every frequency when the scaling factor is not 1."""
-    base, dim = h.rope_theta, h.head_dim
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    factor, low, high = h.rope_scaling_factor, h.rope_scaling_low_freq_factor, h.rope_scaling_high_freq_factor
-    old_len = h.rope_scaling_orig_max_seq_len
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    out = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / float(freq)
-        if wavelen < high_wavelen:
-            out.append(1.0)
-        elif wavelen > low_wavelen:
-            out.append(factor)
-        else:
-            smooth = (old_len / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
-
-
-def _unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF (half-split) row order -> interleaved-pair order, as the original's and llama.cpp's permute()."""
-    n = rows.shape[0]
-    return rows.reshape(n_heads, 2, n // n_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    return llama3_rope_divisors(h.rope_theta, h.head_dim, h.rope_scaling_factor, h.rope_scaling_low_freq_factor,
+                                h.rope_scaling_high_freq_factor, h.rope_scaling_orig_max_seq_len)  # fmt: skip
 
 
 def _gguf_shape_info(shape: tuple[int, ...], qtype: QT) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -342,7 +323,7 @@ def _plan(h: OriginalHeader, mm: np.memmap, target: QT | None) -> list[_Out]:
         def get():
             a = _raw(mm, e)
             if permute_heads:
-                a = _unpermute_rows(a, permute_heads)
+                a = permute(a, permute_heads)
             return _retype(a, e.qtype, dst, e.shape)
 
         return get
