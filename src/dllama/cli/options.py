@@ -109,6 +109,13 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         help="format of the partial sums exchanged after each block (default q80)",
     )
     p.add_argument("--secret", help="cluster secret (default: $DLLAMA_SECRET)")
+    add_encrypt_arg(p)
+
+
+def add_encrypt_arg(p: argparse.ArgumentParser, worker: bool = False) -> None:
+    p.add_argument("--encrypt", action="store_true",
+                   help="refuse a root that does not encrypt every link" if worker else
+                   "encrypt every link (AES-256-GCM, keys derived from the cluster secret; workers follow)")  # fmt: skip
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:

@@ -21,6 +21,7 @@ def register(sub) -> None:
                    help="compute threads (default: the CPUs this process may use: affinity and cgroup quota)")
     p.add_argument("--secret", help="cluster secret the root must prove it knows (default: $DLLAMA_SECRET)")
     p.add_argument("--model", help="a local copy of the model: the slice is read from it instead of received")
+    options.add_encrypt_arg(p, worker=True)
     p.add_argument("--kv-cache-dir", help="directory of the KV cache file when a root asks for disk storage "
                    "(default: the temporary directory)")  # fmt: skip
     p.set_defaults(run=run)
@@ -47,7 +48,8 @@ def run(args) -> int:
             flush=True,
         )
     server = WorkerServer(args.host, args.port, nthreads=args.nthreads, secret=secret,
-                          model_path=resolve_model(args.model) if args.model else None, kv_dir=args.kv_cache_dir)
+                          model_path=resolve_model(args.model) if args.model else None, kv_dir=args.kv_cache_dir,
+                          encrypt=args.encrypt)  # fmt: skip
     try:
         port = server.bind()
     except OSError as e:

@@ -6,12 +6,17 @@ socket, waiting in poll(), so nothing ever spins. `sent` / `received` count what
 `deadline` bounds a whole exchange (the handshake), `timeout` each wait.
 
 Integrity: once the handshake has derived this link's keys (protocol.frame_keys, never sent), `start_integrity`
-makes every frame carry a 16-byte tag = HMAC-SHA256(key, u64 sequence number | header | payload) truncated, one key
-and counter per direction. `Conn` follows the frame boundaries itself (the header says how long the payload is), so
-callers send and receive frames exactly as before, in as many pieces as they like (TENSOR payloads go straight
-into the engine's buffers): on sending, the tag follows the frame's last byte; on receiving, the tag is read and
-checked before the frame's last byte is handed over, so nothing of an altered, replayed or reordered frame is ever
-acted on (a flipped bit gives ProtocolError naming the link)."""
+makes every frame carry a 16-byte tag, one key and counter per direction: HMAC-SHA256(key, u64 sequence number |
+header | payload) truncated, or with `encrypt` the payload AES-256-GCM encrypted under the nonce = the u64 sequence
+number (never reused: a fresh key per connection and direction, one frame per number), the header authenticated
+with it, and GCM's tag. The header stays in clear (type and length: the framing needs them); the byte counts do
+not change. `Conn` follows the frame boundaries itself (the header says how long the payload is), so callers send
+and receive frames exactly as before, in as many pieces as they like (TENSOR payloads go straight into the engine's
+buffers, decrypted there in place): on sending, the tag follows the frame's last byte; on receiving, the tag is
+read and checked before the frame's last byte is handed over, so nothing of an altered, replayed or reordered
+frame is ever acted on (a flipped bit gives ProtocolError naming the link). AES-GCM rather than ChaCha20-Poly1305:
+the `cryptography` package offers it as a streaming cipher (frames of any size in pieces, in place), which its
+ChaCha20-Poly1305 is not, and x86 CPUs have AES-NI and carry-less multiply for it."""
 
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ import select
 import socket
 import struct
 import time
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from dllama.net.messages import HEADER, MAGIC, ProtocolError
 from dllama.net.protocol import PeerClosed
@@ -33,6 +41,7 @@ TAG = 16
 _SEQ = struct.Struct("<Q")
 _LEN = struct.Struct("<I")
 _JOIN = 1 << 16  # frames up to this size go out in one send with their tag
+_CHUNK = 1 << 20  # payload bytes encrypted at a time (a big TENSOR is not copied whole)
 
 
 class Timeout(PeerClosed):
@@ -40,33 +49,90 @@ class Timeout(PeerClosed):
 
 
 class _Stream:
-    """The tag state of one direction: sequence number and where we are in the current frame."""
+    """The tag state of one direction: sequence number and where we are in the current frame (HMAC-SHA256)."""
 
     def __init__(self, key: bytes):
         self.base = hmac.new(key, digestmod=hashlib.sha256)
         self.seq = 0
         self.head = bytearray()
         self.left = -1  # payload bytes still to come in this frame; -1 while in its header
-        self.mac = None
+        self.ctx = None
 
     def take_header(self, data) -> int:
         """Feeds header bytes; returns how many were used."""
         k = min(HEADER.size - len(self.head), len(data))
         self.head += data[:k]
         if len(self.head) == HEADER.size:
-            self.mac = self.base.copy()
-            self.mac.update(_SEQ.pack(self.seq))
-            self.mac.update(self.head)
+            self._begin(bytes(self.head))
             self.left = _LEN.unpack_from(self.head, 4)[0]
         return k
 
+    def _begin(self, head: bytes) -> None:
+        self.ctx = self.base.copy()
+        self.ctx.update(_SEQ.pack(self.seq))
+        self.ctx.update(head)
+
+    def seal(self, data):
+        """Sending: what goes on the wire for these payload bytes."""
+        self.ctx.update(data)
+        return data
+
+    def open(self, view: memoryview) -> None:
+        """Receiving: these payload bytes, as received, made plain in place."""
+        self.ctx.update(view)
+
     def tag(self) -> bytes:
-        """The finished frame's tag; ready for the next frame."""
-        t = self.mac.digest()[:TAG]
+        """Sending: the finished frame's tag; ready for the next frame."""
+        t = self.ctx.digest()[:TAG]
+        self._next()
+        return t
+
+    def check(self, got: bytes) -> bool:
+        """Receiving: whether the finished frame's tag is `got`; ready for the next frame."""
+        ok = hmac.compare_digest(self.ctx.digest()[:TAG], got)
+        self._next()
+        return ok
+
+    def _next(self) -> None:
         self.seq += 1
         self.head.clear()
-        self.left, self.mac = -1, None
+        self.left, self.ctx = -1, None
+
+
+class _SealedStream(_Stream):
+    """AES-256-GCM (OpenSSL through `cryptography`): payload encrypted, header authenticated, nonce = sequence."""
+
+    def __init__(self, key: bytes, sending: bool):
+        super().__init__(key)
+        self.alg, self.sending = algorithms.AES(key), sending
+
+    def _begin(self, head: bytes) -> None:
+        cipher = Cipher(self.alg, modes.GCM(_SEQ.pack(self.seq) + bytes(4)))
+        self.ctx = cipher.encryptor() if self.sending else cipher.decryptor()
+        self.ctx.authenticate_additional_data(head)
+
+    def seal(self, data):
+        out = bytearray(len(data))
+        self.ctx.update_into(data, out)
+        return out
+
+    def open(self, view: memoryview) -> None:
+        self.ctx.update_into(view, view)
+
+    def tag(self) -> bytes:
+        self.ctx.finalize()
+        t = self.ctx.tag
+        self._next()
         return t
+
+    def check(self, got: bytes) -> bool:
+        try:
+            self.ctx.finalize_with_tag(got)
+            ok = True
+        except InvalidTag:
+            ok = False
+        self._next()
+        return ok
 
 
 class Conn:
@@ -84,12 +150,20 @@ class Conn:
         self._poll_out.register(sock, _OUT)
         self._tx: _Stream | None = None
         self._rx: _Stream | None = None
-        self.mesh_keys: tuple[bytes, bytes] | None = None  # (send, receive) keys of the C mesh's partial sums
+        self.encrypted = False
+        # (send key, receive key, encrypt) of the C mesh's partial sums on this link
+        self.mesh_keys: tuple[bytes, bytes, bool] | None = None
 
-    def start_integrity(self, send_key: bytes, recv_key: bytes, mesh_keys: tuple[bytes, bytes]) -> None:
-        """From the next frame on, tag what we send and check what we receive (called right after the handshake,
-        at a frame boundary in both directions)."""
-        self._tx, self._rx, self.mesh_keys = _Stream(send_key), _Stream(recv_key), mesh_keys
+    def start_integrity(self, send_key: bytes, recv_key: bytes, mesh_keys: tuple[bytes, bytes],
+                        encrypt: bool = False) -> None:  # fmt: skip
+        """From the next frame on, tag (and with `encrypt` encrypt) what we send and check (decrypt) what we
+        receive (called right after the handshake, at a frame boundary in both directions)."""
+        if encrypt:
+            self._tx, self._rx = _SealedStream(send_key, True), _SealedStream(recv_key, False)
+        else:
+            self._tx, self._rx = _Stream(send_key), _Stream(recv_key)
+        self.encrypted = encrypt
+        self.mesh_keys = (*mesh_keys, encrypt)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -111,25 +185,26 @@ class Conn:
         if tx is None:
             return self._send(data)
         view = memoryview(data).cast("B")
-        pieces, start, off = [], 0, 0
+        pieces, size, off = [], 0, 0
         while off < len(view):
             if tx.left < 0:
-                off += tx.take_header(view[off:])
+                k = tx.take_header(view[off:])
+                pieces.append(view[off : off + k])
             else:
-                k = min(tx.left, len(view) - off)
-                tx.mac.update(view[off : off + k])
+                k = min(tx.left, len(view) - off, _CHUNK)
+                pieces.append(tx.seal(view[off : off + k]))
                 tx.left -= k
-                off += k
+            off += k
+            size += k
             if tx.left == 0:  # the frame is complete: its tag follows it
-                pieces += (view[start:off], tx.tag())
-                start = off
-        if start < len(view):
-            pieces.append(view[start:])
-        if sum(len(p) for p in pieces) <= _JOIN:
+                pieces.append(tx.tag())
+                size += TAG
+            if size > _JOIN:  # big: piece by piece (an encrypted chunk is sent before the next is made)
+                for p in pieces:
+                    self._send(p)
+                pieces, size = [], 0
+        if pieces:
             self._send(b"".join(pieces))
-        else:
-            for p in pieces:
-                self._send(p)
 
     def _send(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -159,32 +234,33 @@ class Conn:
         else:
             k = self._recv_into(view, min(n, rx.left))
             if k:
-                rx.mac.update(view[:k])
+                rx.open(view[:k])
                 rx.left -= k
         if k and rx.left == 0:
             self._check_tag(rx)
         return k
 
-    def verify_read_frame(self, mtype: int, payload: bytes, wait: float = 2.0) -> bool:
+    def verify_read_frame(self, mtype: int, payload: bytes, wait: float = 2.0) -> bytes | None:
         """A frame someone else took off this socket (the C mesh reads a peer's ERROR / ABORT in place of a
-        partial sum): True if its tag, which follows it on the socket, verifies, so its text can be believed."""
+        partial sum, as it came): its payload made plain if its tag, which follows it on the socket, verifies (so
+        its text can be believed), else None."""
         rx = self._rx
         if rx is None:
-            return True
+            return payload
         if rx.left >= 0 or rx.head:
-            return False  # we were inside another frame: cannot be one the peer sent whole
+            return None  # we were inside another frame: cannot be one the peer sent whole
         rx.take_header(HEADER.pack(MAGIC, mtype, 0, len(payload)))
-        rx.mac.update(payload)
+        plain = bytearray(payload)
+        rx.open(memoryview(plain))
         rx.left = 0
         self.timeout, self.deadline = wait, None
         try:
             self._check_tag(rx)
         except (ProtocolError, PeerClosed):
-            return False
-        return True
+            return None
+        return bytes(plain)
 
     def _check_tag(self, rx: _Stream) -> None:
-        want = rx.tag()
         got = bytearray(TAG)
         have = 0
         while have < TAG:
@@ -192,7 +268,7 @@ class Conn:
             if k == 0:
                 raise PeerClosed(f"{self.name} closed the connection")
             have += k
-        if not hmac.compare_digest(want, bytes(got)):
+        if not rx.check(bytes(got)):
             raise ProtocolError(f"frame from {self.name} failed its integrity check (altered on the way?)")
 
     def _recv_into(self, buf, nbytes: int = 0) -> int:

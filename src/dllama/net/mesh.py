@@ -58,8 +58,10 @@ class Mesh:
         if kind == _mesh.SOCKERR:
             return NodeFailure(node, f"{name}: connection lost ({os.strerror(err)})")
         if kind == _mesh.PEER_ERROR:
-            if node in self.links and not self.links[node].verify_read_frame(mtype, bytes(msg)):
-                return NodeFailure(node, f"{name} sent an error message that failed its integrity check")
+            if node in self.links:  # the text as read by the mesh: checked (and decrypted) by the link's Conn
+                msg = self.links[node].verify_read_frame(mtype, bytes(msg))
+                if msg is None:
+                    return NodeFailure(node, f"{name} sent an error message that failed its integrity check")
             return NodeFailure(node, f"{name}: {M.explanation(mtype, msg)}")
         if kind == _mesh.NONFINITE:
             return NodeFailure(node, f"{name} sent a partial sum with NaN or infinite values")

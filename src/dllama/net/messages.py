@@ -18,7 +18,7 @@ from dllama.model.config import ModelConfig
 from dllama.model.weight_types import NATIVE
 from dllama.split.plan import NodeShare, SplitPlan
 
-VERSION = 2
+VERSION = 3  # 3: HELLO carries flags (FLAG_ENCRYPT)
 MAGIC = b"DL"
 HEADER = struct.Struct("<2sBBI")  # magic, type, flags (0), payload length
 
@@ -27,6 +27,7 @@ NAMES = {HELLO: "HELLO", CHALLENGE: "CHALLENGE", AUTH: "AUTH", AUTH_OK: "AUTH_OK
          TENSOR: "TENSOR", READY: "READY", FORWARD: "FORWARD", PARTIAL: "PARTIAL", STOP: "STOP", ABORT: "ABORT",
          LOGITS: "LOGITS", RESIDUAL: "RESIDUAL"}  # fmt: skip
 ROLE_ROOT, ROLE_PEER = 1, 2
+FLAG_ENCRYPT = 1  # HELLO: every later frame of this link is AES-256-GCM encrypted
 LOGITS_NONE, LOGITS_ARGMAX, LOGITS_FULL = 0, 1, 2  # nothing / (best logit, its id) / the f32 logits slice
 MAX_TEXT = 4096
 MAX_NODES = 64
@@ -81,13 +82,14 @@ class _Struct(Message):
 
 @dataclass(frozen=True)
 class Hello(_Struct):
-    TYPE, S = HELLO, struct.Struct("<HB16s16sH")
+    TYPE, S = HELLO, struct.Struct("<HB16s16sHB")
     LIMIT = S.size
     version: int
     role: int
     nonce: bytes
     session_id: bytes = b"\0" * 16  # peers: the session they belong to
     index: int = 0  # peers: their node index
+    flags: int = 0  # FLAG_ENCRYPT; bound into both proofs and the link's keys, so a relay cannot change it
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,21 @@ Frame = 8-byte header `<2sBBI` (magic b"DL", type, flags=0, payload length) + pa
 (magic, known type, length within the type's limit and the caller's tighter bound) before the payload is read.
 
 Handshake (every connection, before anything else is accepted):
-  client -> HELLO     {version, role, client nonce, [session id, node index]}
+  client -> HELLO     {version, role, client nonce, [session id, node index], flags}
   server -> CHALLENGE {version, server nonce}
-  client -> AUTH      HMAC(key, "dllama-client" | server nonce | client nonce | role)
-  server -> AUTH_OK   HMAC(key, "dllama-server" | client nonce | server nonce | role), then its model's sha256
+  client -> AUTH      HMAC(key, "dllama-client" | server nonce | client nonce | role | flags)
+  server -> AUTH_OK   HMAC(key, "dllama-server" | client nonce | server nonce | role | flags), then its model's sha256
 The key is the cluster secret between root and worker (a worker obeys only a root that knows it, and the root
 knows it talks to a real worker). Between workers it is a per-session key each derives from the cluster secret and
 the session id (`session_key`): it never travels. A version mismatch is answered with ERROR.
 
-After AUTH_OK both ends derive this link's frame keys from the handshake key and both nonces (`frame_keys`; the
-server's model hash is bound in too, since AUTH_OK's proof does not cover it) and every later frame carries an
-HMAC tag (conn.Conn.start_integrity; the C mesh tags its partial sums with keys of its own, mesh.Mesh).
-DLLAMA_INSECURE_NO_MAC=1 turns the tags off (benchmarks of their cost only; every node must have it)."""
+After AUTH_OK both ends derive this link's keys with HKDF-SHA256 from the handshake key, both nonces, the role,
+the flags and the server's model hash (`frame_keys`; AUTH_OK's proof does not cover the hash), one key per
+direction for the Python frames and one per direction for the C mesh's partial sums. Every later frame carries a
+16-byte tag: an HMAC-SHA256 tag by default, or, with FLAG_ENCRYPT (`--encrypt`), the frame's payload is
+AES-256-GCM encrypted and the tag is GCM's (conn.Conn.start_integrity, mesh.Mesh). The flag is covered by both
+proofs and the keys, so a relay that clears or sets it makes the handshake fail. DLLAMA_INSECURE_NO_MAC=1 turns
+the HMAC tags off (benchmarks of their cost only; every node must have it); it never turns encryption off."""
 
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ import hashlib
 import hmac
 import os
 import socket
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dllama.errors import DllamaError
 from dllama.net import messages as M
@@ -119,39 +125,49 @@ def session_key(cluster_key: bytes, session_id: bytes) -> bytes:
     return hmac.new(cluster_key, b"dllama-session" + session_id, hashlib.sha256).digest()
 
 
-def frame_keys(key: bytes, client_nonce: bytes, server_nonce: bytes, role: int, model_hash: bytes) -> list[bytes]:
-    """Client->server and server->client keys of the Python frames, then of the C mesh's partial sums."""
-    ctx = client_nonce + server_nonce + bytes([role]) + model_hash
-    labels = (b"dllama-frames-c2s", b"dllama-frames-s2c", b"dllama-mesh-c2s", b"dllama-mesh-s2c")
-    return [hmac.new(key, label + ctx, hashlib.sha256).digest() for label in labels]
+def frame_keys(key: bytes, client_nonce: bytes, server_nonce: bytes, role: int, model_hash: bytes,
+               flags: int = 0) -> list[bytes]:  # fmt: skip
+    """Client->server and server->client keys of the Python frames, then of the C mesh's partial sums: HKDF-SHA256
+    (RFC 5869) with both nonces as salt, so every connection has fresh keys; the flags are in the context, so an
+    encrypted link never shares a key with an HMAC-tagged one."""
+    info = b"dllama-frame-keys" + bytes([role, flags]) + model_hash
+    okm = HKDF(algorithm=hashes.SHA256(), length=4 * 32, salt=client_nonce + server_nonce, info=info).derive(key)
+    return [okm[i : i + 32] for i in range(0, len(okm), 32)]
 
 
-def _start_integrity(conn, keys: list[bytes], client: bool) -> None:
-    if os.environ.get("DLLAMA_INSECURE_NO_MAC") == "1" or not hasattr(conn, "start_integrity"):
+def _start_integrity(conn, keys: list[bytes], client: bool, encrypt: bool) -> None:
+    if not hasattr(conn, "start_integrity"):
         return  # a bare socket (tests speaking the protocol by hand) gets no tags: its peer then rejects it
+    if os.environ.get("DLLAMA_INSECURE_NO_MAC") == "1" and not encrypt:
+        return
     c2s, s2c, mc2s, ms2c = keys
     if client:
-        conn.start_integrity(c2s, s2c, (mc2s, ms2c))
+        conn.start_integrity(c2s, s2c, (mc2s, ms2c), encrypt=encrypt)
     else:
-        conn.start_integrity(s2c, c2s, (ms2c, mc2s))
+        conn.start_integrity(s2c, c2s, (ms2c, mc2s), encrypt=encrypt)
 
 
-def _mac(key: bytes, label: bytes, a: bytes, b: bytes, role: int) -> bytes:
-    return hmac.new(key, label + a + b + bytes([role]), hashlib.sha256).digest()
+def _mac(key: bytes, label: bytes, a: bytes, b: bytes, role: int, flags: int) -> bytes:
+    return hmac.new(key, label + a + b + bytes([role, flags]), hashlib.sha256).digest()
 
 
-def client_handshake(conn, key: bytes, role: int, session_id: bytes = b"\0" * 16, index: int = 0) -> bytes:
-    """Runs the client side; returns the server's model hash (32 bytes, zeros when it has no model)."""
+def client_handshake(conn, key: bytes, role: int, session_id: bytes = b"\0" * 16, index: int = 0,
+                     encrypt: bool = False) -> bytes:  # fmt: skip
+    """Runs the client side; returns the server's model hash (32 bytes, zeros when it has no model). With
+    `encrypt`, every later frame of this link is encrypted (the server cannot turn that down: it refuses or agrees)."""
+    if encrypt and not key:
+        raise DllamaError("--encrypt needs a cluster secret (--secret or DLLAMA_SECRET): the keys are derived from it")
+    flags = M.FLAG_ENCRYPT if encrypt else 0
     nonce = os.urandom(16)
-    send(conn, M.Hello(M.VERSION, role, nonce, session_id, index))
+    send(conn, M.Hello(M.VERSION, role, nonce, session_id, index, flags))
     ch = recv(conn, M.Challenge)
     if ch.version != M.VERSION:
         raise ProtocolError(f"protocol version mismatch: we speak {M.VERSION}, the peer {ch.version}")
-    send(conn, M.Auth(_mac(key, b"dllama-client", ch.nonce, nonce, role)))
+    send(conn, M.Auth(_mac(key, b"dllama-client", ch.nonce, nonce, role, flags)))
     ok = recv(conn, M.AuthOk)
-    if not hmac.compare_digest(ok.proof, _mac(key, b"dllama-server", nonce, ch.nonce, role)):
+    if not hmac.compare_digest(ok.proof, _mac(key, b"dllama-server", nonce, ch.nonce, role, flags)):
         raise ProtocolError("the peer could not prove it knows the cluster secret")
-    _start_integrity(conn, frame_keys(key, nonce, ch.nonce, role, ok.model_hash), client=True)
+    _start_integrity(conn, frame_keys(key, nonce, ch.nonce, role, ok.model_hash, flags), True, encrypt)
     return ok.model_hash
 
 
@@ -164,23 +180,38 @@ def server_read_hello(conn) -> M.Hello:
         raise ProtocolError(f"protocol version mismatch (peer speaks {hello.version})")
     if hello.role not in (M.ROLE_ROOT, M.ROLE_PEER):
         raise ProtocolError("bad role in HELLO")
+    if hello.flags & ~M.FLAG_ENCRYPT:
+        raise ProtocolError("unknown flags in HELLO")
     return hello
 
 
-def server_authenticate(conn, key: bytes, hello: M.Hello, model_hash: bytes, refuse=None) -> None:
-    """Verifies the client's proof. `refuse()` may then return a reason (e.g. busy) sent instead of AUTH_OK."""
+def server_authenticate(conn, key: bytes, hello: M.Hello, model_hash: bytes, refuse=None,
+                        encrypt: bool = False) -> None:  # fmt: skip
+    """Verifies the client's proof. `refuse()` may then return a reason (e.g. busy) sent instead of AUTH_OK.
+    The client's choice to encrypt is followed; `encrypt` (a worker started with --encrypt, or a peer link of an
+    encrypted session) refuses a client that does not encrypt."""
+    wants = bool(hello.flags & M.FLAG_ENCRYPT)
+    if encrypt and not wants:
+        who = "root" if hello.role == M.ROLE_ROOT else "peer"
+        send_error(conn, "this worker accepts only encrypted links (started with --encrypt, or its session is "
+                   "encrypted): start the root with --encrypt")  # fmt: skip
+        raise ProtocolError(f"refused a {who} that does not encrypt (this worker requires --encrypt)")
+    if wants and not key:
+        send_error(conn, "this worker has no cluster secret: it cannot encrypt (give both sides --secret)")
+        raise ProtocolError("refused to encrypt without a cluster secret")
     nonce = os.urandom(16)
     send(conn, M.Challenge(M.VERSION, nonce))
     proof = recv(conn, M.Auth).proof
-    if not hmac.compare_digest(proof, _mac(key, b"dllama-client", nonce, hello.nonce, hello.role)):
-        send_error(conn, "authentication failed (wrong cluster secret)")
-        raise ProtocolError("authentication failed (wrong cluster secret)")
+    if not hmac.compare_digest(proof, _mac(key, b"dllama-client", nonce, hello.nonce, hello.role, hello.flags)):
+        send_error(conn, "authentication failed (wrong cluster secret, or the handshake was altered)")
+        raise ProtocolError("authentication failed (wrong cluster secret, or the handshake was altered)")
     reason = refuse() if refuse else None
     if reason:
         send_error(conn, reason)
         raise RemoteError(reason)
-    send(conn, M.AuthOk(_mac(key, b"dllama-server", hello.nonce, nonce, hello.role), model_hash))
-    _start_integrity(conn, frame_keys(key, hello.nonce, nonce, hello.role, model_hash), client=False)
+    send(conn, M.AuthOk(_mac(key, b"dllama-server", hello.nonce, nonce, hello.role, hello.flags), model_hash))
+    keys = frame_keys(key, hello.nonce, nonce, hello.role, model_hash, hello.flags)
+    _start_integrity(conn, keys, False, wants)
 
 
 # ---- sockets ----

@@ -26,7 +26,7 @@ def _die_with_parent() -> None:
 
 
 class LocalWorkers:
-    def __init__(self, k: int, nthreads: int = 1, timeout: float = 60.0):
+    def __init__(self, k: int, nthreads: int = 1, timeout: float = 60.0, encrypt: bool = False):
         self.secret = secrets.token_hex(16)
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[str] = []
@@ -35,7 +35,7 @@ class LocalWorkers:
             for _ in range(k):
                 p = subprocess.Popen(
                     [sys.executable, "-m", "dllama", "worker", "--host", "127.0.0.1", "--port", "0",
-                     "--nthreads", str(nthreads)],
+                     "--nthreads", str(nthreads), *(["--encrypt"] if encrypt else [])],
                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True,
                     start_new_session=True,  # Ctrl-C in the terminal must not kill the workers
                     preexec_fn=_die_with_parent,  # ... but the root's death must: no orphans

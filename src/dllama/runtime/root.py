@@ -47,7 +47,7 @@ class Root:
                  max_batch: int = DEFAULT_MAX_BATCH, workers: list[str] | None = None, split_weights=None,
                  sync: str = "q80", secret: str | None = None, check_residual: bool | None = None,
                  kv_storage: str = "ram", kv_dir: str | None = None, kv_type: str = "f32", dry_run: bool = False,
-                 log=None):  # fmt: skip
+                 log=None, encrypt: bool = False):  # fmt: skip
         self.model = model
         self.cfg = cfg = model.config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -101,7 +101,7 @@ class Root:
                 model.release(v, evict=copied)
         self.engine.ready()
         self.settings = Settings(self.max_seq, self.max_batch, sync, secret, check_residual and bool(self.workers),
-                                 tuple(m.weights for m in self.memory), kv_storage, kv_type)  # fmt: skip
+                                 tuple(m.weights for m in self.memory), kv_storage, kv_type, encrypt)  # fmt: skip
         if self.workers:
             self.reconnect()
         else:

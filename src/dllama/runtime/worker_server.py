@@ -43,10 +43,13 @@ def _drain(sock: socket.socket, seconds: float = 1.0) -> None:
 
 class WorkerServer:
     def __init__(self, host: str, port: int, *, nthreads: int = 1, secret: str | None = None,
-                 model_path: str | None = None, kv_dir: str | None = None, log=None):  # fmt: skip
+                 model_path: str | None = None, kv_dir: str | None = None, log=None, encrypt: bool = False):  # fmt: skip
         self.host, self.port, self.nthreads = host, port, nthreads
         self.kv_dir = kv_dir  # where a root asking for a disk KV cache gets it (default: the temp directory)
         self.key = P.key_of(secret)
+        if encrypt and not self.key:
+            raise DllamaError("--encrypt needs a cluster secret (--secret or DLLAMA_SECRET): the keys are derived from it")
+        self.encrypt = encrypt  # refuse a root that does not encrypt
         self.log = log or (lambda m: print(f"[worker] {m}", file=sys.stderr, flush=True))
         self.lock = threading.Lock()
         self.busy = False
@@ -132,12 +135,13 @@ class WorkerServer:
                 if s is None or s.setup is None or hello.session_id != s.session_id:
                     P.send_error(conn, "no such session")
                     raise M.ProtocolError("peer for an unknown session")
-                P.server_authenticate(conn, P.session_key(self.key, s.session_id), hello, b"\0" * 32)
+                P.server_authenticate(conn, P.session_key(self.key, s.session_id), hello, b"\0" * 32,
+                                      encrypt=s.root.encrypted)  # fmt: skip
                 conn.deadline, conn.timeout = None, DATA_TIMEOUT
                 conn.name = f"worker {hello.index} ({who})"
                 s.peer_queue.put((hello.index, conn))
                 return
-            P.server_authenticate(conn, self.key, hello, self.model_hash, refuse=claim)
+            P.server_authenticate(conn, self.key, hello, self.model_hash, refuse=claim, encrypt=self.encrypt)
         except (DllamaError, OSError) as e:
             self.log(f"rejected connection from {who}: {e}")
             conn.close()
@@ -147,7 +151,7 @@ class WorkerServer:
         finally:
             self.handshakes.release()
         conn.deadline, conn.timeout = None, DATA_TIMEOUT
-        self.log(f"root {who} connected")
+        self.log(f"root {who} connected{' (encrypted)' if conn.encrypted else ''}")
         session = WorkerSession(self, conn)
         try:
             session.run()

@@ -103,7 +103,7 @@ class WorkerSession:
         for _ in range(int(PEER_WAIT / 0.25)):
             conn = Conn(P.connect(address, timeout=HANDSHAKE_TIMEOUT), f"worker {j} ({address})", DATA_TIMEOUT)
             try:
-                P.client_handshake(conn, key, M.ROLE_PEER, s.session_id, s.index)
+                P.client_handshake(conn, key, M.ROLE_PEER, s.session_id, s.index, encrypt=self.root.encrypted)
                 return conn
             except P.RemoteError as e:
                 conn.close()

@@ -39,6 +39,7 @@ class RuntimeConfig:
     kv_storage: str = "ram"  # "disk": the KV cache in a memory-mapped file
     kv_type: str = "f32"  # f32, f16 or q8_0
     kv_dir: str | None = None
+    encrypt: bool = False  # every link AES-256-GCM encrypted (--encrypt)
 
     @classmethod
     def from_args(cls, args) -> RuntimeConfig:
@@ -47,7 +48,8 @@ class RuntimeConfig:
                    local_workers=g("local_workers", 0) or 0, split_weights=tuple(g("weights")) if g("weights") else None,
                    sync=g("buffer_float_type", "q80"), secret=g("secret"), tokenizer=g("tokenizer"),
                    chat_template=g("chat_template"), max_batch=g("batch"), kv_storage=g("kv_cache_storage", "ram") or "ram",
-                   kv_dir=g("kv_cache_dir"), kv_type=g("kv_cache_type", "f32") or "f32")  # fmt: skip
+                   kv_dir=g("kv_cache_dir"), kv_type=g("kv_cache_type", "f32") or "f32",
+                   encrypt=bool(g("encrypt", False)))  # fmt: skip
 
 
 def _is_original_model(path: str | None) -> bool:
@@ -179,14 +181,15 @@ class Runtime:
         if cfg.local_workers:
             if cfg.secret:
                 raise DllamaError("--secret cannot be combined with --local-workers (they use their own secret)")
-            self.local = LocalWorkers(cfg.local_workers, nthreads=default_threads(1 + cfg.local_workers))
+            self.local = LocalWorkers(cfg.local_workers, nthreads=default_threads(1 + cfg.local_workers),
+                                      encrypt=cfg.encrypt)
             workers += self.local.addresses
             secret = self.local.secret
         try:
             self.root = Root(model, nthreads=self.nthreads, max_seq=cfg.max_seq, workers=workers,
                              split_weights=list(cfg.split_weights) if cfg.split_weights else None, sync=cfg.sync, secret=secret, log=log,
                              max_batch=cfg.max_batch or DEFAULT_MAX_BATCH, kv_storage=cfg.kv_storage, kv_dir=cfg.kv_dir,
-                             kv_type=cfg.kv_type)  # fmt: skip
+                             kv_type=cfg.kv_type, encrypt=cfg.encrypt)  # fmt: skip
         except BaseException:
             if self.local:
                 self.local.close()

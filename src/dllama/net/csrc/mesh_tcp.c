@@ -10,11 +10,18 @@
  * Integrity: when the link has keys (derived from its handshake by dllama.net.protocol, never sent), every frame is
  * followed by a 16-byte tag = HMAC-SHA256(key, u64 sequence number | 12-byte head | payload) truncated, one key and
  * one counter per direction and link, so a frame altered, dropped, replayed or reordered on the way is caught
- * (COMM_INTEGRITY) before the engine adds it. HMAC is OpenSSL's (libcrypto). */
+ * (COMM_INTEGRITY) before the engine adds it. HMAC is OpenSSL's (libcrypto).
+ *
+ * Encryption (`--encrypt`: the link's keys come with encrypt=True): the payload is AES-256-GCM encrypted under the
+ * link's key for that direction, nonce = the u64 sequence number (a fresh key per connection and direction, one
+ * frame per number: never reused), the 12-byte head authenticated as associated data, GCM's 16-byte tag in place
+ * of the HMAC tag; sizes do not change. Each link then gets its own copy of our frame (its own key), and a received
+ * payload is decrypted in place in the receive buffer once its tag has arrived. OpenSSL's EVP AES-GCM. */
 #define PY_SSIZE_T_CLEAN
 #define _POSIX_C_SOURCE 200809L
 #include <Python.h>
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,8 +41,11 @@
 #define TAG 16
 
 typedef struct {
-    EVP_MAC_CTX *tx, *rx; /* keyed HMAC-SHA256 per direction; NULL: this link is not authenticated */
+    EVP_MAC_CTX *tx, *rx; /* keyed HMAC-SHA256 per direction; NULL: no HMAC on this link */
+    EVP_CIPHER_CTX *etx, *erx; /* keyed AES-256-GCM per direction; NULL: this link is not encrypted */
     uint64_t seq_tx, seq_rx;
+    uint8_t *ebuf; /* encrypted links: [HEAD + len] our frame under this link's key */
+    size_t ecap;
 } link_mac;
 
 typedef struct {
@@ -66,12 +76,46 @@ static int frame_tag(EVP_MAC_CTX *ctx, uint64_t seq, const uint8_t *head, const 
     return 0;
 }
 
-/* our frame (sbuf, `body` bytes) then node j's tag, from byte `off` on */
+static void gcm_nonce(uint64_t seq, uint8_t iv[12]) {
+    for (int i = 0; i < 8; i++) iv[i] = (uint8_t)(seq >> (8 * i));
+    memset(iv + 8, 0, 4);
+}
+
+/* AES-256-GCM: `in` (len bytes) encrypted into `out`, head authenticated, the tag into `tag` */
+static int frame_seal(EVP_CIPHER_CTX *c, uint64_t seq, const uint8_t *head, const uint8_t *in, uint8_t *out,
+                      size_t len, uint8_t *tag) {
+    uint8_t iv[12];
+    int n;
+    gcm_nonce(seq, iv);
+    if (len > INT_MAX || !EVP_EncryptInit_ex(c, NULL, NULL, NULL, iv) || !EVP_EncryptUpdate(c, NULL, &n, head, HEAD) ||
+        !EVP_EncryptUpdate(c, out, &n, in, (int)len) || !EVP_EncryptFinal_ex(c, out + n, &n) ||
+        !EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_GET_TAG, TAG, tag))
+        return -1;
+    return 0;
+}
+
+/* decrypts `buf` in place; -1 unless the tag verifies */
+static int frame_open(EVP_CIPHER_CTX *c, uint64_t seq, const uint8_t *head, uint8_t *buf, size_t len,
+                      uint8_t *tag) {
+    uint8_t iv[12];
+    int n;
+    gcm_nonce(seq, iv);
+    if (len > INT_MAX || !EVP_DecryptInit_ex(c, NULL, NULL, NULL, iv) || !EVP_DecryptUpdate(c, NULL, &n, head, HEAD) ||
+        !EVP_DecryptUpdate(c, buf, &n, buf, (int)len) || !EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_SET_TAG, TAG, tag) ||
+        EVP_DecryptFinal_ex(c, buf + n, &n) <= 0)
+        return -1;
+    return 0;
+}
+
+static int tagged(const link_mac *l) { return l->tx != NULL || l->etx != NULL; }
+
+/* our frame (`body` bytes: sbuf, or the link's encrypted copy) then node j's tag, from byte `off` on */
 static ssize_t send_part(tcp_mesh *m, int j, size_t off, size_t body) {
     struct iovec iov[2];
     int n = 0;
-    if (off < body) iov[n++] = (struct iovec){m->sbuf + off, body - off};
-    if (m->lm[j].tx) {
+    const uint8_t *src = m->lm[j].etx ? m->lm[j].ebuf : m->sbuf;
+    if (off < body) iov[n++] = (struct iovec){(void *)(src + off), body - off};
+    if (tagged(&m->lm[j])) {
         const size_t t = off > body ? off - body : 0;
         iov[n++] = (struct iovec){m->stag[j] + t, TAG - t};
     }
@@ -147,9 +191,21 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
     for (int j = 0; j < N; j++) {
         sent[j] = got[j] = 0;
         if (j == c->self) continue;
-        tot[j] = total + (m->lm[j].tx ? TAG : 0);
-        if (m->lm[j].tx && frame_tag(m->lm[j].tx, m->lm[j].seq_tx++, m->sbuf, m->sbuf + HEAD, len, m->stag[j]))
+        link_mac *l = &m->lm[j];
+        tot[j] = total + (tagged(l) ? TAG : 0);
+        if (l->etx) {
+            if (l->ecap < total) {
+                uint8_t *nb = (uint8_t *)realloc(l->ebuf, total);
+                if (!nb) return fail(m, -1, COMM_SOCKERR, ENOMEM);
+                l->ebuf = nb;
+                l->ecap = total;
+            }
+            memcpy(l->ebuf, m->sbuf, HEAD);
+            if (frame_seal(l->etx, l->seq_tx++, m->sbuf, m->sbuf + HEAD, l->ebuf + HEAD, len, m->stag[j]))
+                return fail(m, j, COMM_INTEGRITY, 0);
+        } else if (l->tx && frame_tag(l->tx, l->seq_tx++, m->sbuf, m->sbuf + HEAD, len, m->stag[j])) {
             return fail(m, j, COMM_INTEGRITY, 0);
+        }
         pending++;
         const ssize_t k = send_part(m, j, 0, total);
         if (k > 0) {
@@ -231,7 +287,10 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
     for (int j = 0; j < N; j++) {
         uint32_t st;
         if (j == c->self) continue;
-        if (m->lm[j].rx) {
+        if (m->lm[j].erx) {
+            if (frame_open(m->lm[j].erx, m->lm[j].seq_rx++, m->head[j], recv_buf + (size_t)j * len, len, m->rtag[j]))
+                return fail(m, j, COMM_INTEGRITY, 0);
+        } else if (m->lm[j].rx) {
             uint8_t want[TAG];
             if (frame_tag(m->lm[j].rx, m->lm[j].seq_rx++, m->head[j], recv_buf + (size_t)j * len, len, want) ||
                 CRYPTO_memcmp(want, m->rtag[j], TAG) != 0)
@@ -257,6 +316,9 @@ static void TcpMesh_dealloc(TcpMesh *self) {
         for (int j = 0; j < MAX_NODES; j++) {
             EVP_MAC_CTX_free(self->m->lm[j].tx);
             EVP_MAC_CTX_free(self->m->lm[j].rx);
+            EVP_CIPHER_CTX_free(self->m->lm[j].etx);
+            EVP_CIPHER_CTX_free(self->m->lm[j].erx);
+            free(self->m->lm[j].ebuf);
         }
         EVP_MAC_free(self->m->mac);
     }
@@ -264,7 +326,7 @@ static void TcpMesh_dealloc(TcpMesh *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* keys: per node None (no tag on that link) or (send key, receive key), bytes each */
+/* keys: per node None (no tag on that link) or (send key, receive key[, encrypt]), bytes each */
 static int set_keys(tcp_mesh *m, PyObject *keys_o, Py_ssize_t n) {
     if (PySequence_Size(keys_o) != n) {
         PyErr_SetString(PyExc_ValueError, "TcpMesh: need a key pair (or None) per node");
@@ -278,12 +340,26 @@ static int set_keys(tcp_mesh *m, PyObject *keys_o, Py_ssize_t n) {
             continue;
         }
         Py_buffer ks, kr;
-        if (i == m->base.self || !PyArg_ParseTuple(kp, "y*y*", &ks, &kr)) {
+        int encrypt = 0;
+        if (i == m->base.self || !PyArg_ParseTuple(kp, "y*y*|p", &ks, &kr, &encrypt)) {
             Py_DECREF(kp);
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "TcpMesh: no key for ourselves");
             return -1;
         }
         Py_DECREF(kp);
+        if (encrypt) {
+            link_mac *l = &m->lm[i];
+            int ok = ks.len == 32 && kr.len == 32 && (l->etx = EVP_CIPHER_CTX_new()) && (l->erx = EVP_CIPHER_CTX_new()) &&
+                     EVP_EncryptInit_ex(l->etx, EVP_aes_256_gcm(), NULL, ks.buf, NULL) &&
+                     EVP_DecryptInit_ex(l->erx, EVP_aes_256_gcm(), NULL, kr.buf, NULL);
+            PyBuffer_Release(&ks);
+            PyBuffer_Release(&kr);
+            if (!ok) {
+                PyErr_SetString(PyExc_RuntimeError, "TcpMesh: cannot set up AES-256-GCM (OpenSSL; 32-byte keys)");
+                return -1;
+            }
+            continue;
+        }
         int ok = ks.len > 0 && kr.len > 0;
         if (ok && !m->mac) ok = (m->mac = EVP_MAC_fetch(NULL, "HMAC", NULL)) != NULL;
         char digest[] = "SHA256";
@@ -378,7 +454,41 @@ static PyObject *TcpMesh_set_timeout(TcpMesh *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* exchange(data, step) -> every node's data (ours left zero), node by node: one exchange outside the engine, for
+ * tests and benchmarks of the wire format. A failure raises RuntimeError(node, kind, errno). */
+static PyObject *TcpMesh_exchange(TcpMesh *self, PyObject *args) {
+    Py_buffer b;
+    unsigned int step;
+    if (!self->m || !PyArg_ParseTuple(args, "y*I", &b, &step)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "TcpMesh not initialised");
+        return NULL;
+    }
+    tcp_mesh *m = self->m;
+    const size_t len = (size_t)b.len;
+    PyObject *out = len ? PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(len * (size_t)m->base.n_nodes)) : NULL;
+    if (!out) {
+        PyBuffer_Release(&b);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "exchange: empty data");
+        return NULL;
+    }
+    uint8_t *rb = (uint8_t *)PyBytes_AS_STRING(out);
+    memset(rb, 0, len * (size_t)m->base.n_nodes);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = tcp_exchange(&m->base, (const uint8_t *)b.buf, len, step, rb);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&b);
+    if (rc != COMM_OK) {
+        Py_DECREF(out);
+        PyObject *e = Py_BuildValue("(iii)", m->base.fail.node, m->base.fail.kind, m->base.fail.err);
+        if (e) PyErr_SetObject(PyExc_RuntimeError, e);
+        Py_XDECREF(e);
+        return NULL;
+    }
+    return out;
+}
+
 static PyMethodDef TcpMesh_methods[] = {
+    {"exchange", (PyCFunction)TcpMesh_exchange, METH_VARARGS,
+     "exchange(data, step) -> bytes: one all-to-all outside the engine (tests, benchmarks)"},
     {"set_timeout", (PyCFunction)TcpMesh_set_timeout, METH_O, "set_timeout(ms): longest wait for a peer's frame"},
     {"counters", (PyCFunction)TcpMesh_counters, METH_NOARGS,
      "(seconds waited, bytes sent, bytes received) since creation, as counted at the socket calls"},
@@ -400,7 +510,8 @@ static PyTypeObject TcpMeshType = {
     .tp_methods = TcpMesh_methods,
     .tp_getset = TcpMesh_getset,
     .tp_doc = "TcpMesh(fds, self_index, prefix, explain, timeout_ms, keys=None): all-to-all over connected sockets, "
-               "each link's frames tagged with HMAC-SHA256 when it has a (send, receive) key pair.",
+               "each link's frames tagged with HMAC-SHA256 when it has a (send, receive) key pair, or AES-256-GCM encrypted "
+               "when it has (send, receive, True).",
 };
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_mesh", "dllama TCP all-to-all", -1, NULL};

@@ -41,6 +41,7 @@ class Settings:
     weight_bytes: tuple[int, ...] = ()  # exact bytes of each node's slice, so a worker can refuse before allocating
     kv_storage: str = "ram"
     kv_type: str = "f32"
+    encrypt: bool = False  # every link AES-256-GCM encrypted
 
 
 class TcpCluster:
@@ -60,15 +61,19 @@ class TcpCluster:
     def connect(cls, addresses: list[str], *, plan: SplitPlan, model: GGUFModel, engine: Engine, settings: Settings,
                 log) -> TcpCluster:  # fmt: skip
         key = P.key_of(settings.secret)
+        if settings.encrypt and not key:
+            raise DllamaError("--encrypt needs a cluster secret (--secret or DLLAMA_SECRET): the keys are derived from it")
         conns, hashes = [], []
         try:
             for i, addr in enumerate(addresses, 1):
                 conn = Conn(P.connect(addr), f"worker {i} ({addr})", DATA_TIMEOUT)
                 conns.append(conn)
                 try:
-                    hashes.append(P.client_handshake(conn, key, M.ROLE_ROOT))
+                    hashes.append(P.client_handshake(conn, key, M.ROLE_ROOT, encrypt=settings.encrypt))
                 except DllamaError as e:
                     raise DllamaError(f"{conn.name}: {e}") from None
+            if settings.encrypt:
+                log("every link encrypted (AES-256-GCM, keys derived from the cluster secret per connection)")
             _setup(conns, hashes, plan, model, settings, log)
             cluster = cls(conns, plan, engine, Mesh(0, dict(enumerate(conns, 1)), DATA_TIMEOUT))
             cluster.check_residual = settings.check_residual
