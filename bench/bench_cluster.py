@@ -6,11 +6,18 @@ The nodes share this machine's 2 cores, so more nodes cannot be faster here; the
 received at 2 nodes). Setups run interleaved, several rounds, medians.
 
     python bench/bench_cluster.py [--rounds 3] [--buffer-float-type q80]
+
+The cost of `--encrypt` (every link AES-256-GCM): 2 and 3 local nodes, with and without, interleaved, on the
+default model and the 1B-shape model; per-token time difference of the medians:
+
+    python bench/bench_cluster.py --encrypt-ab [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import statistics
 import subprocess
@@ -20,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
+import dllama_peer  # noqa: E402
 from dllama_peer import bench_dllama  # noqa: E402
 from llamacpp_peer import default_prompt_tokens  # noqa: E402
 from models import synthetic_1b  # noqa: E402
@@ -40,12 +48,75 @@ def veth_worker(net, secret: str):
     return p
 
 
+def encrypted_root_child(model: str, workers: list[str], n_decode: int, prompt: list[int]) -> None:
+    """In a fresh process: dllama_peer's measurement with a root that encrypts every link."""
+    import dllama.runtime.root as R
+
+    R.Root = functools.partial(R.Root, encrypt=True)  # dllama_peer builds its Root from this module
+    print(json.dumps(dllama_peer._bench_inprocess(model, 1, n_decode, prompt, workers, os.environ["DLLAMA_SECRET"])))
+
+
+def run_encrypted(model: str, lw, n_decode: int, prompt: list[int]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", model, "--n-decode", str(n_decode),
+           "--prompt-json", json.dumps(prompt), "--child-workers", *lw.addresses]  # fmt: skip
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, DLLAMA_SECRET=lw.secret))
+    if r.returncode != 0:
+        raise RuntimeError(f"encrypted benchmark failed (exit {r.returncode})")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def encrypt_ab(rounds: int) -> None:
+    """2 and 3 local nodes x {plain, --encrypt} x {default model, 1B shape}, interleaved."""
+    from dllama.model.default import default_model_path
+    from dllama.runtime.local_workers import LocalWorkers
+
+    models = {"SmolLM2-135M Q4_1": (default_model_path(), 128), "1B-shape Q4_0": (synthetic_1b(), 48)}
+    prompt = default_prompt_tokens(32)
+    setups = [(m, n, enc) for m in models for n in (2, 3) for enc in (False, True)]
+    results: dict[tuple, list[dict]] = {s: [] for s in setups}
+    for r in range(rounds):
+        for s in setups if r % 2 == 0 else setups[::-1]:
+            m, n, enc = s
+            path, n_decode = models[m]
+            print(f"round {r + 1}: {m}, {n} nodes, {'encrypted' if enc else 'plain'}", file=sys.stderr)
+            lw = LocalWorkers(n - 1, nthreads=1, encrypt=enc)
+            try:
+                if enc:
+                    out = run_encrypted(path, lw, n_decode, prompt)
+                else:
+                    out = bench_dllama(path, 1, n_decode, prompt, workers=lw.addresses, secret=lw.secret)
+            finally:
+                lw.close()
+            results[s].append(out)
+    print(f"\n--encrypt cost: decode, 1 thread per node on loopback, median step times, medians of {rounds} rounds")
+    print(f"{'model':<20} {'nodes':>5} {'plain ms/tok':>12} {'encrypted':>10} {'cost ms/tok':>11} {'cost %':>7} "
+          f"{'same tokens':>11}")  # fmt: skip
+    for m in models:
+        for n in (2, 3):
+            ms = {}
+            for enc in (False, True):
+                ms[enc] = statistics.median(o["decode_ms_median"] for o in results[(m, n, enc)])
+            same = all(o["tokens"] == results[(m, n, False)][0]["tokens"] for enc in (False, True)
+                       for o in results[(m, n, enc)])  # fmt: skip
+            d = ms[True] - ms[False]
+            print(f"{m:<20} {n:>5} {ms[False]:>12.2f} {ms[True]:>10.2f} {d:>+11.3f} {100 * d / ms[False]:>+6.1f}% "
+                  f"{str(same):>11}")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--n-decode", type=int, default=128)
     p.add_argument("--buffer-float-type", default="q80", choices=["q80", "f32"])
+    p.add_argument("--encrypt-ab", action="store_true", help="measure the cost of --encrypt instead")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-workers", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--prompt-json", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child:
+        return encrypted_root_child(a.child, a.child_workers, a.n_decode, json.loads(a.prompt_json))
+    if a.encrypt_ab:
+        return encrypt_ab(a.rounds)
     from dllama.runtime.local_workers import LocalWorkers
 
     path = synthetic_1b()

@@ -1,0 +1,167 @@
+"""What the links' protection costs, measured where it happens, without the noise of whole forward passes:
+
+1. the C mesh's all-to-all (dllama.net._mesh.TcpMesh.exchange, the engine's path) between N in-process nodes on
+   socketpairs, one thread each: microseconds per exchange with no tags, HMAC-SHA256 tags (the default) and
+   AES-256-GCM (--encrypt), for the partial-sum sizes of the default model (dim 576) and the 1B shape (dim 2048)
+   in q80; a token costs 2 x n_layers exchanges;
+2. the Python links (net/conn.py): microseconds per small frame (a FORWARD / LOGITS) and MB/s for shipped weights.
+
+Modes interleaved in every round, medians.
+
+    python bench/bench_link_crypto.py [--rounds 5] [--exchanges 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import threading
+import time
+
+from dllama.net import _mesh
+from dllama.net import messages as M
+from dllama.net import protocol as P
+from dllama.net.conn import Conn
+
+MODES = ("none", "hmac", "aes-gcm")
+SHAPES = {"SmolLM2-135M (dim 576, 30 layers)": (576, 30), "1B shape (dim 2048, 16 layers)": (2048, 16)}
+
+
+def meshes(n: int, mode: str) -> tuple[list, list[socket.socket]]:
+    socks: dict[tuple[int, int], socket.socket] = {}
+    for i in range(n):
+        for j in range(i + 1, n):
+            socks[i, j], socks[j, i] = socket.socketpair()
+    keys = {(i, j): os.urandom(32) for i in range(n) for j in range(n) if i != j}  # key of frames i -> j
+    out = []
+    for i in range(n):
+        fds, ks = [], []
+        for j in range(n):
+            if j == i:
+                fds.append(-1)
+                ks.append(None)
+                continue
+            socks[i, j].setblocking(False)
+            fds.append(socks[i, j].fileno())
+            ks.append(None if mode == "none" else (keys[i, j], keys[j, i], mode == "aes-gcm"))
+        out.append(_mesh.TcpMesh(fds, i, M.PARTIAL_PREFIX, M.EXPLAIN_TYPES, 10_000, ks))
+    return out, list(socks.values())
+
+
+def exchange_us(n: int, mode: str, nbytes: int, count: int) -> float:
+    ms, socks = meshes(n, mode)
+    data = [os.urandom(nbytes) for _ in range(n)]
+    barrier = threading.Barrier(n + 1)
+
+    def node(i: int) -> None:
+        barrier.wait()
+        for step in range(count):
+            ms[i].exchange(data[i], step)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    for s in socks:
+        s.close()
+    return dt / count * 1e6
+
+
+def conn_pair(mode: str) -> tuple[Conn, Conn]:
+    a, b = socket.socketpair()
+    ca, cb = Conn(a, "a", 10), Conn(b, "b", 10)
+    if mode != "none":
+        k = [os.urandom(32) for _ in range(4)]
+        ca.start_integrity(k[0], k[1], (k[2], k[3]), encrypt=mode == "aes-gcm")
+        cb.start_integrity(k[1], k[0], (k[3], k[2]), encrypt=mode == "aes-gcm")
+    return ca, cb
+
+
+def small_frame_us(mode: str, count: int) -> float:
+    """A FORWARD with one Q4 embedding row sent and its 8-byte answer received back, per round trip."""
+    ca, cb = conn_pair(mode)
+    fwd = M.Forward(0, 1, 2, M.LOGITS_ARGMAX, os.urandom(576 // 32 * 20))
+    ans = M.Logits(best=(1.0, 3))
+
+    def echo() -> None:
+        for _ in range(count):
+            P.recv(cb, M.Forward, max_batch=1, max_seq=1 << 20, row_bytes=lambda t: len(fwd.rows))
+            P.send(cb, ans)
+
+    t = threading.Thread(target=echo)
+    t.start()
+    t0 = time.perf_counter()
+    for _ in range(count):
+        P.send(ca, fwd)
+        P.recv(ca, M.Logits, mode=M.LOGITS_ARGMAX, vocab=(0, 10))
+    dt = time.perf_counter() - t0
+    t.join()
+    ca.close()
+    cb.close()
+    return dt / count * 1e6
+
+
+def weights_mb_s(mode: str, total: int = 64 << 20) -> float:
+    ca, cb = conn_pair(mode)
+    data = os.urandom(8 << 20)
+    buf = bytearray(len(data))
+
+    def recv() -> None:
+        for _ in range(total // len(data)):
+            _, length = P.recv_header(cb, (M.TENSOR,))
+            P.recv_exact(cb, length, memoryview(buf))
+
+    t = threading.Thread(target=recv)
+    t.start()
+    t0 = time.perf_counter()
+    for _ in range(total // len(data)):
+        ca.sendall(P.header(M.TENSOR, len(data)))
+        ca.sendall(data)
+    t.join()
+    dt = time.perf_counter() - t0
+    ca.close()
+    cb.close()
+    return total / dt / 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--exchanges", type=int, default=2000)
+    a = p.parse_args()
+    ex: dict[tuple, list[float]] = {}
+    small: dict[str, list[float]] = {m: [] for m in MODES}
+    bulk: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(a.rounds):
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            for shape, (dim, _) in SHAPES.items():
+                for n in (2, 3):
+                    ex.setdefault((shape, n, mode), []).append(exchange_us(n, mode, dim * 34 // 32, a.exchanges))
+            small[mode].append(small_frame_us(mode, a.exchanges))
+            bulk[mode].append(weights_mb_s(mode))
+    med = statistics.median
+    print(f"C mesh all-to-all, q80 partial sums, in-process nodes on socketpairs, medians of {a.rounds} rounds")
+    print(f"{'model':<36} {'nodes':>5} {'none us':>8} {'hmac us':>8} {'aes-gcm us':>10} "
+          f"{'gcm-none ms/tok':>15} {'gcm-hmac ms/tok':>15}")  # fmt: skip
+    for shape, (_, layers) in SHAPES.items():
+        for n in (2, 3):
+            u = {m: med(ex[shape, n, m]) for m in MODES}
+            per_tok = 2 * layers / 1e3
+            print(f"{shape:<36} {n:>5} {u['none']:>8.1f} {u['hmac']:>8.1f} {u['aes-gcm']:>10.1f} "
+                  f"{(u['aes-gcm'] - u['none']) * per_tok:>+15.3f} {(u['aes-gcm'] - u['hmac']) * per_tok:>+15.3f}")  # fmt: skip
+    print("\nPython links (net/conn.py)")
+    print(f"{'':<36} {'none':>8} {'hmac':>8} {'aes-gcm':>10}")
+    print(f"{'FORWARD + LOGITS round trip, us':<36} " + " ".join(f"{med(small[m]):>8.1f}" for m in MODES[:2])
+          + f" {med(small['aes-gcm']):>10.1f}")  # fmt: skip
+    print(f"{'weights, MB/s':<36} " + " ".join(f"{med(bulk[m]):>8.0f}" for m in MODES[:2])
+          + f" {med(bulk['aes-gcm']):>10.0f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
