@@ -10,6 +10,9 @@ sync wait (blocked on the partial-sum exchange and the workers' logits), and per
 CPU used (cores) and the time throttled by the quota. Setups run interleaved, several rounds, medians.
 
     sudo python bench/bench_home_cluster.py [--rounds 3] [--n-decode 64] [--nodes 1 2 4] [--models 1b 8kv-24l]
+
+`--vs-src DIR` also runs every multi-node setup with another checkout's code (DIR/src, built), interleaved with
+this tree's in the same rounds: before/after numbers of one change under the same conditions.
 """
 
 from __future__ import annotations
@@ -136,19 +139,20 @@ class HomeCluster:
             self.close()
             raise
 
-    def _on_node(self, i: int, argv: list[str], **kw) -> subprocess.Popen:
+    def _on_node(self, i: int, argv: list[str], src: str | None = None, **kw) -> subprocess.Popen:
         pin = ["taskset", "-c", str(i % os.cpu_count())] if self.pin else []  # node i on core i mod cores
-        p = subprocess.Popen([*self.cgroups[i].prefix(), *self.star.prefix(i), *pin, *argv], **kw)
+        env = dict(os.environ, PYTHONPATH=src) if src else None  # another checkout's code (--vs-src)
+        p = subprocess.Popen([*self.cgroups[i].prefix(), *self.star.prefix(i), *pin, *argv], env=env, **kw)
         self.procs.append(p)
         return p
 
-    def run(self, model: str, n: int, n_decode: int, buffer_type: str) -> dict:
+    def run(self, model: str, n: int, n_decode: int, buffer_type: str, src: str | None = None) -> dict:
         workers = []
         for i in range(1, n):
             log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty worker must never block on its log
             w = self._on_node(i, [sys.executable, "-m", "dllama", "worker", "--host", self.star.addrs[i], "--port",
                                   str(PORT), "--nthreads", "1", "--secret", SECRET],
-                              stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+                              src, stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
             workers.append(w)
             line = w.stdout.readline()
             if not line.startswith("listening on"):
@@ -157,7 +161,7 @@ class HomeCluster:
                 raise RuntimeError(f"worker {i} did not start: {line}{log.read()}")
         cmd = [sys.executable, os.path.abspath(__file__), "--node-root", model, "--n-decode", str(n_decode),
                "--buffer-float-type", buffer_type, "--workers", *[f"{self.star.addrs[i]}:{PORT}" for i in range(1, n)]]  # fmt: skip
-        root = self._on_node(0, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        root = self._on_node(0, cmd, src, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             snaps = []
             for marker in ("DECODE-START", "DECODE-END"):
@@ -223,6 +227,7 @@ def main() -> None:
     p.add_argument("--buffer-float-type", default="q80", choices=["q80", "f32"])
     p.add_argument("--pin", action="store_true", help="pin node i to core i mod cores (taskset)")
     p.add_argument("--json", help="also write all results (every round) to this file")
+    p.add_argument("--vs-src", metavar="DIR", help="also run the multi-node setups with DIR/src's code, interleaved")
     p.add_argument("--node-root", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--workers", nargs="*", default=[], help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -237,18 +242,21 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: a background job starts with it ignored
         signal.signal(sig, _interrupt)
     paths = {m: MODEL_MAKERS[m]() for m in a.models}
-    setups = [(m, n) for m in a.models for n in a.nodes]
+    other = os.path.join(os.path.abspath(a.vs_src), "src") if a.vs_src else None
+    setups = [(m, n, None) for m in a.models for n in a.nodes]
+    if other:
+        setups += [(m, n, other) for m in a.models for n in a.nodes if n > 1]
     results: dict = {s: [] for s in setups}
     print(f"load before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     rate = None if a.rate == "none" else a.rate
     cluster = HomeCluster(max(a.nodes), a.quota_us, a.period_us, a.burst_us, rate, a.pin)
     try:
         for r in range(a.rounds):
-            for m, n in setups if r % 2 == 0 else setups[::-1]:
+            for m, n, src in setups if r % 2 == 0 else setups[::-1]:
                 t = time.perf_counter()
-                out = cluster.run(paths[m], n, a.n_decode, a.buffer_float_type)
-                results[(m, n)].append(out)
-                print(f"round {r + 1}: {m} x{n}: {out['decode_tps']:.2f} tok/s, compute {out['compute_ms']:.1f} ms, "
+                out = cluster.run(paths[m], n, a.n_decode, a.buffer_float_type, src)
+                results[(m, n, src)].append(out)
+                print(f"round {r + 1}: {m} x{n}{' (' + src + ')' if src else ''}: {out['decode_tps']:.2f} tok/s, compute {out['compute_ms']:.1f} ms, "
                       f"sync {out['sync_ms']:.1f} ms, load {out['load_avg']:.1f} ({time.perf_counter() - t:.0f} s)",
                       file=sys.stderr)  # fmt: skip
     except KeyboardInterrupt:
@@ -258,8 +266,11 @@ def main() -> None:
         cluster.close()
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({f"{m} x{n}": v for (m, n), v in results.items()}, f)
-    report(results, a)
+            json.dump({f"{m} x{n}{' ' + src if src else ''}": v for (m, n, src), v in results.items()}, f)
+    report({(m, n): v for (m, n, src), v in results.items() if src is None}, a)
+    if other:
+        print(f"\nthe same with {other} (1 node: this tree's)")
+        report({(m, n): v for (m, n, src), v in results.items() if src == other or n == 1}, a)
 
 
 def report(results: dict, a) -> None:

@@ -9,14 +9,22 @@
 Modes interleaved in every round, medians.
 
     python bench/bench_link_crypto.py [--rounds 5] [--exchanges 2000]
+
+`--vs-src DIR` compares instead the exchange of this tree with another tree's (DIR/src, built), 2-4 nodes,
+default tags, interleaved, each measurement in a fresh process:
+
+    python bench/bench_link_crypto.py --vs-src /path/to/other/checkout [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -130,11 +138,39 @@ def weights_mb_s(mode: str, total: int = 64 << 20) -> float:
     return total / dt / 1e6
 
 
+def vs_src(other: str, rounds: int, count: int) -> None:
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    trees = {"this tree": here, os.path.abspath(other): os.path.join(other, "src")}
+    res: dict[tuple, list[float]] = {}
+    for r in range(rounds):
+        for name, src in trees.items() if r % 2 == 0 else list(trees.items())[::-1]:
+            for shape, (dim, _) in SHAPES.items():
+                for n in (2, 3, 4):
+                    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(n), str(dim * 34 // 32),
+                                          str(count)], env=dict(os.environ, PYTHONPATH=src), stdout=subprocess.PIPE,
+                                         text=True, check=True)  # fmt: skip
+                    res.setdefault((name, shape, n), []).append(json.loads(out.stdout))
+    print(f"C mesh all-to-all, HMAC tags, q80, in-process nodes on socketpairs: us per exchange, medians of {rounds}")
+    names = list(trees)
+    print(f"{'model':<36} {'nodes':>5} " + " ".join(f"{n[-24:]:>24}" for n in names) + f" {'ratio':>6}")
+    for shape in SHAPES:
+        for n in (2, 3, 4):
+            u = [statistics.median(res[name, shape, n]) for name in names]
+            print(f"{shape:<36} {n:>5} " + " ".join(f"{x:>24.1f}" for x in u) + f" {u[0] / u[1]:>6.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--exchanges", type=int, default=2000)
+    p.add_argument("--vs-src", metavar="DIR", help="compare this tree's exchange with DIR's")
+    p.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child:
+        n, nbytes, count = a.child
+        return print(json.dumps(exchange_us(n, "hmac", nbytes, count)))
+    if a.vs_src:
+        return vs_src(a.vs_src, a.rounds, a.exchanges)
     ex: dict[tuple, list[float]] = {}
     small: dict[str, list[float]] = {m: [] for m in MODES}
     bulk: dict[str, list[float]] = {m: [] for m in MODES}

@@ -1,7 +1,10 @@
 /* dllama.net._mesh: the TCP all-to-all, one implementation of the engine's comm interface (engine/csrc/comm.h).
  *
- * Per exchange every node sends one frame to every other node and receives one from each, in one poll() loop over
- * non-blocking sockets (no deadlock on full socket buffers, no spinning, the GIL released by the engine's caller).
+ * Per exchange every node sends one frame to every other node (one sendmsg each: frame and tag) and receives one
+ * from each over non-blocking sockets (no deadlock on full socket buffers, no spinning, the GIL released by the
+ * engine's caller): what has already arrived is read before any poll(), and a peer's frame takes two reads (its
+ * header, then payload and tag in one readv), so a peer that was ready costs no poll() at all (was: a poll() and
+ * a recv() for each of header, payload and tag).
  * Frame: the 4 bytes `prefix` (magic, type, flags of a partial-sum frame, handed over by dllama.net.protocol, which
  * owns the frame layout), u32 length (4 + payload), u32 sync step, payload. Payloads land straight in the engine's
  * receive buffer. A frame of one of the `explain` types (the peer's ERROR / ABORT) is read whole and returned as the
@@ -168,6 +171,71 @@ static int read_explanation(tcp_mesh *m, int node, const uint8_t *have, size_t n
     return fail(m, node, COMM_PEER_ERROR, 0);
 }
 
+/* node j's frame is complete: its tag (and, encrypted, its payload, in place) and its step checked */
+static int finish(tcp_mesh *m, int j, uint8_t *recv_buf, size_t len, uint32_t step) {
+    link_mac *l = &m->lm[j];
+    uint8_t *payload = recv_buf + (size_t)j * len;
+    if (l->erx) {
+        if (frame_open(l->erx, l->seq_rx++, m->head[j], payload, len, m->rtag[j])) return fail(m, j, COMM_INTEGRITY, 0);
+    } else if (l->rx) {
+        uint8_t want[TAG];
+        if (frame_tag(l->rx, l->seq_rx++, m->head[j], payload, len, want) || CRYPTO_memcmp(want, m->rtag[j], TAG) != 0)
+            return fail(m, j, COMM_INTEGRITY, 0);
+    }
+    uint32_t st;
+    memcpy(&st, m->head[j] + 8, 4);
+    return st == step ? COMM_OK : fail(m, j, COMM_BADFRAME, 0);
+}
+
+/* Takes what node j has sent us so far, without waiting: the header into head[j] (checked as soon as it is in), then
+ * payload and tag in one readv, straight into the receive buffer and rtag[j]; a complete frame is checked at once
+ * (its tag, while other peers may still be sending). Never reads past this frame (the next one is the next
+ * exchange's, or a peer's ERROR tag that its Conn reads). COMM_OK: complete, or nothing more for now. */
+static int pull(tcp_mesh *m, int j, uint8_t *recv_buf, size_t len, uint32_t step, size_t *got, size_t tot) {
+    const size_t total = HEAD + len;
+    const uint32_t flen = (uint32_t)(len + 4);
+    while (*got < tot) {
+        ssize_t k;
+        size_t want;
+        if (*got < HEAD) {
+            want = HEAD - *got;
+            k = recv(m->fds[j], m->head[j] + *got, want, 0);
+        } else {
+            struct iovec iov[2];
+            int n = 0;
+            if (*got < total) iov[n++] = (struct iovec){recv_buf + (size_t)j * len + (*got - HEAD), total - *got};
+            if (tot > total) {
+                const size_t t = *got > total ? *got - total : 0;
+                iov[n++] = (struct iovec){m->rtag[j] + t, TAG - t};
+            }
+            want = tot - *got;
+            k = readv(m->fds[j], iov, n);
+        }
+        if (k == 0) return fail(m, j, *got >= 8 ? COMM_BADFRAME : COMM_CLOSED, 0);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return COMM_OK;
+            return fail(m, j, COMM_SOCKERR, errno);
+        }
+        m->base.received += (uint64_t)k;
+        const size_t before = *got;
+        *got += (size_t)k;
+        if (before < 8 && *got >= 8) { /* the header's fixed part and length are in: check them */
+            const uint8_t *h = m->head[j];
+            uint32_t l;
+            memcpy(&l, h + 4, 4);
+            if (h[0] == m->prefix[0] && h[1] == m->prefix[1] && h[3] == 0 && is_explain(m, h[2]))
+                return read_explanation(m, j, h + 8, *got - 8, l);
+            if (memcmp(h, m->prefix, 4) != 0 || l != flen) return fail(m, j, COMM_BADFRAME, 0);
+        }
+        if (*got == tot) return finish(m, j, recv_buf, len, step);
+        if ((size_t)k < want) return COMM_OK; /* drained for now: poll before trying again */
+    }
+    return COMM_OK;
+}
+
+/* One exchange: our frame to every peer (one sendmsg each, frame and tag), then whatever has already arrived is
+ * taken before any poll(); poll() only when a peer's frame is still missing (or a send did not complete). */
 static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t step, uint8_t *recv_buf) {
     tcp_mesh *m = (tcp_mesh *)c;
     const int N = c->n_nodes;
@@ -187,7 +255,6 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
     memcpy(m->sbuf + HEAD, send_buf, len);
     const double t0 = mono_s();
     size_t sent[MAX_NODES], got[MAX_NODES], tot[MAX_NODES]; /* tot: frame plus tag on this link */
-    int pending = 0;
     for (int j = 0; j < N; j++) {
         sent[j] = got[j] = 0;
         if (j == c->self) continue;
@@ -206,7 +273,6 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
         } else if (l->tx && frame_tag(l->tx, l->seq_tx++, m->sbuf, m->sbuf + HEAD, len, m->stag[j])) {
             return fail(m, j, COMM_INTEGRITY, 0);
         }
-        pending++;
         const ssize_t k = send_part(m, j, 0, total);
         if (k > 0) {
             sent[j] = (size_t)k;
@@ -215,9 +281,14 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
             return fail(m, j, COMM_SOCKERR, errno);
         }
     }
+    for (int j = 0; j < N; j++) { /* frames that are already here: no poll() for them */
+        if (j == c->self) continue;
+        const int rc = pull(m, j, recv_buf, len, step, &got[j], tot[j]);
+        if (rc != COMM_OK) return rc;
+    }
     struct pollfd pfd[MAX_NODES];
     int map[MAX_NODES];
-    while (pending) {
+    for (;;) {
         int np = 0;
         for (int j = 0; j < N; j++) {
             if (j == c->self || (sent[j] >= tot[j] && got[j] >= tot[j])) continue;
@@ -226,6 +297,7 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
             pfd[np].revents = 0;
             map[np++] = j;
         }
+        if (!np) break;
         const int r = poll(pfd, (nfds_t)np, m->timeout_ms);
         if (r < 0) {
             if (errno == EINTR) continue;
@@ -249,56 +321,12 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
                 }
             }
             if ((pfd[i].revents & (POLLIN | POLLHUP | POLLERR)) && got[j] < tot[j]) {
-                /* the header into head[j], the payload straight into the receive buffer, the tag into rtag[j] */
-                uint8_t *dst;
-                size_t want;
-                if (got[j] < HEAD) {
-                    dst = m->head[j] + got[j];
-                    want = HEAD - got[j];
-                } else if (got[j] < total) {
-                    dst = recv_buf + (size_t)j * len + (got[j] - HEAD);
-                    want = total - got[j];
-                } else {
-                    dst = m->rtag[j] + (got[j] - total);
-                    want = tot[j] - got[j];
-                }
-                const ssize_t k = recv(m->fds[j], dst, want, 0);
-                if (k == 0) return fail(m, j, got[j] >= 8 ? COMM_BADFRAME : COMM_CLOSED, 0);
-                if (k < 0) {
-                    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) continue;
-                    return fail(m, j, COMM_SOCKERR, errno);
-                }
-                c->received += (uint64_t)k;
-                const size_t before = got[j];
-                got[j] += (size_t)k;
-                if (before < 8 && got[j] >= 8) { /* the header's fixed part and length are in: check them */
-                    const uint8_t *h = m->head[j];
-                    uint32_t l;
-                    memcpy(&l, h + 4, 4);
-                    if (h[0] == m->prefix[0] && h[1] == m->prefix[1] && h[3] == 0 && is_explain(m, h[2]))
-                        return read_explanation(m, j, h + 8, got[j] - 8, l);
-                    if (memcmp(h, m->prefix, 4) != 0 || l != flen) return fail(m, j, COMM_BADFRAME, 0);
-                }
+                const int rc = pull(m, j, recv_buf, len, step, &got[j], tot[j]);
+                if (rc != COMM_OK) return rc;
             }
-            if (sent[j] >= tot[j] && got[j] >= tot[j]) pending--;
         }
     }
     c->wait_s += mono_s() - t0;
-    for (int j = 0; j < N; j++) {
-        uint32_t st;
-        if (j == c->self) continue;
-        if (m->lm[j].erx) {
-            if (frame_open(m->lm[j].erx, m->lm[j].seq_rx++, m->head[j], recv_buf + (size_t)j * len, len, m->rtag[j]))
-                return fail(m, j, COMM_INTEGRITY, 0);
-        } else if (m->lm[j].rx) {
-            uint8_t want[TAG];
-            if (frame_tag(m->lm[j].rx, m->lm[j].seq_rx++, m->head[j], recv_buf + (size_t)j * len, len, want) ||
-                CRYPTO_memcmp(want, m->rtag[j], TAG) != 0)
-                return fail(m, j, COMM_INTEGRITY, 0);
-        }
-        memcpy(&st, m->head[j] + 8, 4);
-        if (st != step) return fail(m, j, COMM_BADFRAME, 0);
-    }
     return COMM_OK;
 }
 
