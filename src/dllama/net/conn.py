@@ -240,10 +240,10 @@ class Conn:
             self._check_tag(rx)
         return k
 
-    def verify_read_frame(self, mtype: int, payload: bytes, wait: float = 2.0) -> bytes | None:
+    def verify_read_frame(self, mtype: int, payload: bytes, tag_start: bytes = b"", wait: float = 2.0) -> bytes | None:
         """A frame someone else took off this socket (the C mesh reads a peer's ERROR / ABORT in place of a
-        partial sum, as it came): its payload made plain if its tag, which follows it on the socket, verifies (so
-        its text can be believed), else None."""
+        partial sum, as it came, and perhaps `tag_start`, the first bytes of its tag): its payload made plain if
+        its tag, which follows it on the socket, verifies (so its text can be believed), else None."""
         rx = self._rx
         if rx is None:
             return payload
@@ -255,14 +255,15 @@ class Conn:
         rx.left = 0
         self.timeout, self.deadline = wait, None
         try:
-            self._check_tag(rx)
+            self._check_tag(rx, tag_start)
         except (ProtocolError, PeerClosed):
             return None
         return bytes(plain)
 
-    def _check_tag(self, rx: _Stream) -> None:
+    def _check_tag(self, rx: _Stream, start: bytes = b"") -> None:
         got = bytearray(TAG)
-        have = 0
+        have = min(len(start), TAG)
+        got[:have] = start[:have]
         while have < TAG:
             k = self._recv_into(memoryview(got)[have:], TAG - have)
             if k == 0:

@@ -59,7 +59,7 @@ class Mesh:
             return NodeFailure(node, f"{name}: connection lost ({os.strerror(err)})")
         if kind == _mesh.PEER_ERROR:
             if node in self.links:  # the text as read by the mesh: checked (and decrypted) by the link's Conn
-                msg = self.links[node].verify_read_frame(mtype, bytes(msg))
+                msg = self.links[node].verify_read_frame(mtype, bytes(msg), self.tcp.overread(node))
                 if msg is None:
                     return NodeFailure(node, f"{name} sent an error message that failed its integrity check")
             return NodeFailure(node, f"{name}: {M.explanation(mtype, msg)}")

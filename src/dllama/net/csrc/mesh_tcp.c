@@ -2,9 +2,9 @@
  *
  * Per exchange every node sends one frame to every other node (one sendmsg each: frame and tag) and receives one
  * from each over non-blocking sockets (no deadlock on full socket buffers, no spinning, the GIL released by the
- * engine's caller): what has already arrived is read before any poll(), and a peer's frame takes two reads (its
- * header, then payload and tag in one readv), so a peer that was ready costs no poll() at all (was: a poll() and
- * a recv() for each of header, payload and tag).
+ * engine's caller): what has already arrived is read before any poll(), a peer's whole frame (header, payload,
+ * tag) in one readv, so a peer that was ready costs one readv and no poll() at all (was: a poll() and a recv() for
+ * each of header, payload and tag).
  * Frame: the 4 bytes `prefix` (magic, type, flags of a partial-sum frame, handed over by dllama.net.protocol, which
  * owns the frame layout), u32 length (4 + payload), u32 sync step, payload. Payloads land straight in the engine's
  * receive buffer. A frame of one of the `explain` types (the peer's ERROR / ABORT) is read whole and returned as the
@@ -64,6 +64,8 @@ typedef struct {
     EVP_MAC *mac;
     link_mac lm[MAX_NODES];
     uint8_t stag[MAX_NODES][TAG], rtag[MAX_NODES][TAG];
+    uint8_t over[MAX_NODES][TAG]; /* bytes read past a peer's ERROR / ABORT frame: its tag, for its Conn */
+    size_t n_over[MAX_NODES];
 } tcp_mesh;
 
 /* HMAC(seq | head | payload), truncated to TAG bytes; the context keeps its key across frames */
@@ -187,30 +189,36 @@ static int finish(tcp_mesh *m, int j, uint8_t *recv_buf, size_t len, uint32_t st
     return st == step ? COMM_OK : fail(m, j, COMM_BADFRAME, 0);
 }
 
-/* Takes what node j has sent us so far, without waiting: the header into head[j] (checked as soon as it is in), then
- * payload and tag in one readv, straight into the receive buffer and rtag[j]; a complete frame is checked at once
- * (its tag, while other peers may still be sending). Never reads past this frame (the next one is the next
- * exchange's, or a peer's ERROR tag that its Conn reads). COMM_OK: complete, or nothing more for now. */
+/* bytes [from, to) of node j's frame as read so far (header, payload, tag live in three places) */
+static void frame_bytes(const tcp_mesh *m, int j, const uint8_t *recv_buf, size_t len, size_t from, size_t to,
+                        uint8_t *out) {
+    const size_t total = HEAD + len;
+    for (size_t p = from; p < to; p++)
+        *out++ = p < HEAD ? m->head[j][p] : p < total ? recv_buf[(size_t)j * len + p - HEAD] : m->rtag[j][p - total];
+}
+
+/* Takes what node j has sent us so far, without waiting, in one readv: header into head[j], payload straight into the
+ * receive buffer, tag into rtag[j]. The header is checked as soon as it is in, a complete frame at once (its tag,
+ * while other peers may still be sending). Never reads past the frame it expects; when the peer sent an ERROR /
+ * ABORT instead, what was read past that frame (its tag) is kept for the link's Conn (TcpMesh.overread).
+ * COMM_OK: complete, or nothing more for now. */
 static int pull(tcp_mesh *m, int j, uint8_t *recv_buf, size_t len, uint32_t step, size_t *got, size_t tot) {
     const size_t total = HEAD + len;
     const uint32_t flen = (uint32_t)(len + 4);
     while (*got < tot) {
-        ssize_t k;
-        size_t want;
-        if (*got < HEAD) {
-            want = HEAD - *got;
-            k = recv(m->fds[j], m->head[j] + *got, want, 0);
-        } else {
-            struct iovec iov[2];
-            int n = 0;
-            if (*got < total) iov[n++] = (struct iovec){recv_buf + (size_t)j * len + (*got - HEAD), total - *got};
-            if (tot > total) {
-                const size_t t = *got > total ? *got - total : 0;
-                iov[n++] = (struct iovec){m->rtag[j] + t, TAG - t};
-            }
-            want = tot - *got;
-            k = readv(m->fds[j], iov, n);
+        struct iovec iov[3];
+        int n = 0;
+        if (*got < HEAD) iov[n++] = (struct iovec){m->head[j] + *got, HEAD - *got};
+        if (*got < total) {
+            const size_t p = *got > HEAD ? *got - HEAD : 0;
+            iov[n++] = (struct iovec){recv_buf + (size_t)j * len + p, len - p};
         }
+        if (tot > total) {
+            const size_t t = *got > total ? *got - total : 0;
+            iov[n++] = (struct iovec){m->rtag[j] + t, TAG - t};
+        }
+        const size_t want = tot - *got;
+        const ssize_t k = readv(m->fds[j], iov, n);
         if (k == 0) return fail(m, j, *got >= 8 ? COMM_BADFRAME : COMM_CLOSED, 0);
         if (k < 0) {
             if (errno == EINTR) continue;
@@ -224,8 +232,16 @@ static int pull(tcp_mesh *m, int j, uint8_t *recv_buf, size_t len, uint32_t step
             const uint8_t *h = m->head[j];
             uint32_t l;
             memcpy(&l, h + 4, 4);
-            if (h[0] == m->prefix[0] && h[1] == m->prefix[1] && h[3] == 0 && is_explain(m, h[2]))
-                return read_explanation(m, j, h + 8, *got - 8, l);
+            if (h[0] == m->prefix[0] && h[1] == m->prefix[1] && h[3] == 0 && is_explain(m, h[2])) {
+                if (l > COMM_MSG_MAX) return fail(m, j, COMM_BADFRAME, 0);
+                uint8_t raw[COMM_MSG_MAX + TAG];
+                const size_t end = *got < 8 + (size_t)l + TAG ? *got : 8 + (size_t)l + TAG;
+                frame_bytes(m, j, recv_buf, len, 8, end, raw);
+                const size_t n_raw = end - 8, text = n_raw < l ? n_raw : l;
+                m->n_over[j] = n_raw - text;
+                memcpy(m->over[j], raw + text, n_raw - text);
+                return read_explanation(m, j, raw, text, l);
+            }
             if (memcmp(h, m->prefix, 4) != 0 || l != flen) return fail(m, j, COMM_BADFRAME, 0);
         }
         if (*got == tot) return finish(m, j, recv_buf, len, step);
@@ -257,6 +273,7 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
     size_t sent[MAX_NODES], got[MAX_NODES], tot[MAX_NODES]; /* tot: frame plus tag on this link */
     for (int j = 0; j < N; j++) {
         sent[j] = got[j] = 0;
+        m->n_over[j] = 0;
         if (j == c->self) continue;
         link_mac *l = &m->lm[j];
         tot[j] = total + (tagged(l) ? TAG : 0);
@@ -514,7 +531,20 @@ static PyObject *TcpMesh_exchange(TcpMesh *self, PyObject *args) {
     return out;
 }
 
+/* overread(node): bytes read past node's ERROR / ABORT frame by the failed exchange (the start of its tag) */
+static PyObject *TcpMesh_overread(TcpMesh *self, PyObject *arg) {
+    const long j = PyLong_AsLong(arg);
+    if (j == -1 && PyErr_Occurred()) return NULL;
+    if (!self->m || j < 0 || j >= self->m->base.n_nodes) {
+        PyErr_SetString(PyExc_ValueError, "overread: no such node");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)self->m->over[j], (Py_ssize_t)self->m->n_over[j]);
+}
+
 static PyMethodDef TcpMesh_methods[] = {
+    {"overread", (PyCFunction)TcpMesh_overread, METH_O,
+     "overread(node) -> bytes read past that node's ERROR / ABORT frame (its tag's first bytes)"},
     {"exchange", (PyCFunction)TcpMesh_exchange, METH_VARARGS,
      "exchange(data, step) -> bytes: one all-to-all outside the engine (tests, benchmarks)"},
     {"set_timeout", (PyCFunction)TcpMesh_set_timeout, METH_O, "set_timeout(ms): longest wait for a peer's frame"},
