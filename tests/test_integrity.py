@@ -41,8 +41,9 @@ class FlipProxy:
     eavesdropper on the path sees."""
 
     def __init__(self, target: tuple[str, int], mtype: int | None, way: str = "c2s", nth: int = 1, tag: int = TAG,
-                 hello_flags: int | None = None):  # fmt: skip
+                 hello_flags: int | None = None, connection: int = 0):  # fmt: skip
         self.target, self.mtype, self.way, self.nth, self.tag = target, mtype, way, nth, tag
+        self.connection = connection  # which accepted connection the flip is for (0: the first)
         self.hello_flags = hello_flags
         self.flipped = threading.Event()
         self.frames: list[tuple[str, int, bytes]] = []
@@ -51,6 +52,7 @@ class FlipProxy:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
+        k = 0
         while True:
             try:
                 client, _ = self.lsock.accept()
@@ -59,10 +61,11 @@ class FlipProxy:
             server = socket.create_connection(self.target)
             for s in (client, server):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._relay, args=(client, server, "c2s"), daemon=True).start()
-            threading.Thread(target=self._relay, args=(server, client, "s2c"), daemon=True).start()
+            threading.Thread(target=self._relay, args=(client, server, "c2s", k), daemon=True).start()
+            threading.Thread(target=self._relay, args=(server, client, "s2c", k), daemon=True).start()
+            k += 1
 
-    def _relay(self, src: socket.socket, dst: socket.socket, way: str) -> None:
+    def _relay(self, src: socket.socket, dst: socket.socket, way: str, k: int = 0) -> None:
         frames, seen = 0, 0
         try:
             while True:
@@ -71,7 +74,8 @@ class FlipProxy:
                 frames += 1
                 tagged = frames > 2  # HELLO + AUTH / CHALLENGE + AUTH_OK carry no tag
                 flip_at = -1
-                if way == self.way and mtype == self.mtype and tagged and not self.flipped.is_set():
+                mine = way == self.way and mtype == self.mtype and k == self.connection
+                if mine and tagged and not self.flipped.is_set():
                     seen += 1
                     if seen == self.nth:
                         flip_at = length // 2
@@ -276,3 +280,20 @@ def test_encrypt_without_a_secret_is_a_clear_error(default_model, tmp_path):
                            env=env, stdin=subprocess.DEVNULL)  # fmt: skip
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
         assert "--encrypt needs a cluster secret" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["tagged", "encrypted"])
+def test_flipped_bit_on_a_worker_to_worker_link_is_named(default_model, workers, encrypt):
+    """3 nodes; worker 2 reaches worker 1 through the relay (the root gave it the relay's address), which flips a
+    bit in one of worker 2's partial sums: worker 1 refuses it and tells the root (an ABORT read by the root's C
+    mesh and verified by the link's Conn), and the root stops naming both workers."""
+    w1, w2 = workers(2, secret=SECRET)
+    proxy = FlipProxy(("127.0.0.1", w1.port), M.PARTIAL, "c2s", 3, connection=1)  # connection 1: worker 2's
+    r = run_root(default_model, f"{proxy.address} {w2.address}", extra=("--encrypt",) if encrypt else ())
+    proxy.close()
+    assert proxy.flipped.is_set()
+    err = r.stderr
+    assert r.returncode != 0 and "Traceback" not in err, err
+    assert f"worker 1 ({proxy.address})" in err and "worker 2" in err and "integrity check" in err, err
+    assert "failed its integrity check (altered" in err and "error message that failed" not in err, err
+    assert w1.alive() and w2.alive()
