@@ -20,6 +20,11 @@
 - llama.cpp (when `import llama_cpp` works): flash attention, type_k = type_v = the cache type, KV cache filled
   by prefilling up to each position in batches of 512, then --steps single-token decodes (median).
 
+--kv-ab: this checkout only, the cache types of --kv against each other (the first is the baseline),
+interleaved round by round (attention alone and whole model; best of --rounds kept), ratios in the table:
+
+    python bench/bench_attention.py --kv-ab --kv f32 f16 --positions 512 2048 4096
+
 Each measurement runs in its own subprocess; progress goes to stderr, the table and a JSON line to stdout.
 Check `uptime` first: the machine is shared and tok/s fall with the load.
 """
@@ -236,6 +241,7 @@ def main() -> None:
     p.add_argument(
         "--prefill", type=int, default=2048, help="also time a prompt of this many tokens (0: skip)"
     )
+    p.add_argument("--kv-ab", action="store_true", help="compare the --kv types of this checkout, interleaved")
     p.add_argument("--child", choices=["attn", "model", "llamacpp", "prefill"])
     a = p.parse_args()
     if a.child:
@@ -249,6 +255,8 @@ def main() -> None:
         print(json.dumps(fn(a.kv[0], a.positions, a.threads, extra)))
         return
 
+    if a.kv_ab:
+        return kv_ab(a)
     before_src, after_src = a.before_src or build_before(a.before_ref), os.path.join(ROOT, "src")
     try:
         import llama_cpp  # noqa: F401
@@ -331,6 +339,42 @@ def main() -> None:
         print(f"\nprefill of {a.prefill} tokens (f32 cache, whole model): before {pre['before_tps']:.1f} tok/s, "
               f"after {pre['after_tps']:.1f} tok/s, x{b / f:.2f}")  # fmt: skip
     print(json.dumps({"threads": a.threads, "load": [load0[0], load1[0]], "rows": rows, "prefill": pre}))
+
+
+def kv_ab(a) -> None:
+    """Cache types against the first of --kv, this checkout, interleaved by round (best of --rounds kept)."""
+    src, load0, R = os.path.join(ROOT, "src"), os.getloadavg(), {}
+    for rnd in range(a.rounds):
+        for kv in a.kv:
+            _log(f"round {rnd + 1}: attention alone and whole model, {kv} cache")
+            for key, P, val in [("attn", P, v) for P, v in run_child("attn", src, kv, a).items()] + (
+                    [] if a.no_model else [("model", P, v) for P, v in run_child("model", src, kv, a).items()]):
+                if key == "attn":
+                    old = R.setdefault((key, kv, P), val)
+                    R[(key, kv, P)] = {k: min(val[k], old[k]) for k in val}
+                else:
+                    R[(key, kv, P)] = min(val, R.get((key, kv, P), val))
+    base = a.kv[0]
+    print(f"\n{a.threads} thread(s), best of {a.rounds} interleaved rounds; load average {load0[0]:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end; x = {base} time / this type's time (> 1: faster than {base})")
+    print("attn cpu: attention alone, all layers of one decode token, 1 thread, CPU ms; attn wall: the same with "
+          f"{a.threads} threads, wall ms; model: whole-model decode tok/s (median step)")
+    table = [["pos", "kv", "attn cpu", "x", "attn wall", "x", "model tok/s", "x"]]
+    rows = []
+    for P in a.positions:
+        for kv in a.kv:
+            at, ab = R[("attn", kv, P)], R[("attn", base, P)]
+            mt, mb = R.get(("model", kv, P)), R.get(("model", base, P))
+            table.append([str(P), kv, f"{at['cpu']:.2f}", f"{ab['cpu'] / at['cpu']:.2f}", f"{at['wall']:.2f}",
+                          f"{ab['wall'] / at['wall']:.2f}", f"{1e3 / mt:.1f}" if mt else "-",
+                          f"{mb / mt:.2f}" if mt else "-"])  # fmt: skip
+            rows.append({"pos": P, "kv": kv, "attn": at, "model_ms": mt})
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for n, r in enumerate(table):
+        print(" | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        if n == 0:
+            print("-+-".join("-" * w for w in widths))
+    print(json.dumps({"threads": a.threads, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -92,9 +92,13 @@ def available_bytes() -> int:
 
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # GGML type of a cached K or V row
+# The one home of the default cache type (CLI, RuntimeConfig, Root, Engine, the cluster and SETUP read it): f16
+# halves the cache and moves logits by ~0.02 on the F32 model (tests/test_failures.py, tests/test_memory.py);
+# both write paths (a prompt batch, one token) round through the same kv_store, so their logits stay identical.
+DEFAULT_KV_TYPE = "f16"
 
 
-def kv_cache_bytes(cfg: ModelConfig, n_kv_heads: int, max_seq: int, kv_type: str = "f32") -> int:
+def kv_cache_bytes(cfg: ModelConfig, n_kv_heads: int, max_seq: int, kv_type: str = DEFAULT_KV_TYPE) -> int:
     return 2 * cfg.n_layers * n_kv_heads * max_seq * row_bytes(KV_TYPES[kv_type], cfg.head_dim)
 
 
@@ -118,6 +122,7 @@ class NodeMemory:
     kv_cache: int
     buffers: int
     runtime: int = RUNTIME_BYTES
+    kv_type: str = ""  # named in the report when known (the cache's size depends on it)
 
     @property
     def total(self) -> int:
@@ -125,8 +130,9 @@ class NodeMemory:
 
     def describe(self) -> str:
         mb = lambda n: f"{n / 1e6:.0f} MB"  # noqa: E731
-        return (f"{mb(self.total)} (weights {mb(self.weights)} + KV cache {mb(self.kv_cache)} + buffers "
-                f"{mb(self.buffers)} + runtime {mb(self.runtime)})")  # fmt: skip
+        kv = f"KV cache {mb(self.kv_cache)}" + (f" {self.kv_type}" if self.kv_type else "")
+        return (f"{mb(self.total)} (weights {mb(self.weights)} + {kv} + buffers {mb(self.buffers)} + runtime "
+                f"{mb(self.runtime)})")  # fmt: skip
 
 
 def check_fits(need: NodeMemory, who: str) -> None:

@@ -20,6 +20,7 @@ from dllama.runtime.cluster import Cluster
 from dllama.runtime.cluster.local import LocalCluster
 from dllama.runtime.cluster.tcp import Settings, TcpCluster
 from dllama.runtime.memory import (
+    DEFAULT_KV_TYPE,
     KV_TYPES,
     RUNTIME_BYTES,
     NodeMemory,
@@ -46,7 +47,7 @@ class Root:
     def __init__(self, model: GGUFModel, *, nthreads: int = 1, max_seq: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, workers: list[str] | None = None, split_weights=None,
                  sync: str = "q80", secret: str | None = None, check_residual: bool | None = None,
-                 kv_storage: str = "ram", kv_dir: str | None = None, kv_type: str = "f32", dry_run: bool = False,
+                 kv_storage: str = "ram", kv_dir: str | None = None, kv_type: str = DEFAULT_KV_TYPE, dry_run: bool = False,
                  log=None):  # fmt: skip
         self.model = model
         self.cfg = cfg = model.config
@@ -111,12 +112,14 @@ class Root:
         kv = 0 if self.kv_dir else kv_cache_bytes(cfg, n.n_kv_heads, self.max_seq, self.kv_type)
         return NodeMemory(self.plan.node_bytes(n, self.model), kv,
                           buffer_bytes(cfg, n.n_heads, n.n_kv_heads, n.hidden, n.vocab_rows, self.max_seq,
-                                       self.max_batch, self.nthreads))  # fmt: skip
+                                       self.max_batch, self.nthreads), kv_type=self.kv_type)  # fmt: skip
 
     def describe(self) -> str:
-        """One line per node: its share and the memory it holds and needs."""
-        return self.plan.describe([m.weights for m in self.memory], [m.kv_cache for m in self.memory],
-                                  [m.total for m in self.memory])  # fmt: skip
+        """One line per node: its share and the memory it holds and needs; then what the KV cache holds."""
+        table = self.plan.describe([m.weights for m in self.memory], [m.kv_cache for m in self.memory],
+                                   [m.total for m in self.memory])  # fmt: skip
+        where = f"on disk in {self.kv_dir}" if self.kv_dir else "in RAM"
+        return f"{table}\nKV cache: {self.kv_type} keys and values, {self.max_seq} positions, {where}"
 
     @property
     def n_nodes(self) -> int:

@@ -23,6 +23,7 @@ from dllama.net import messages as M
 from dllama.net import protocol as P
 from dllama.net.conn import Conn
 from dllama.net.mesh import Counters, Mesh, NodeFailure
+from dllama.runtime.memory import DEFAULT_KV_TYPE
 from dllama.split.plan import SplitPlan
 
 DATA_TIMEOUT = 60.0  # the first steps (pages of weights still coming in from disk)
@@ -40,7 +41,7 @@ class Settings:
     check_residual: bool = False
     weight_bytes: tuple[int, ...] = ()  # exact bytes of each node's slice, so a worker can refuse before allocating
     kv_storage: str = "ram"
-    kv_type: str = "f32"
+    kv_type: str = DEFAULT_KV_TYPE
 
 
 class TcpCluster:
