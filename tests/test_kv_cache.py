@@ -17,11 +17,11 @@ import pytest
 
 from dllama.cli.main import build_parser
 from dllama.engine.engine import Engine
+from dllama.kv_cache import DEFAULT_KV_TYPE
 from dllama.model.default import default_model_path
 from dllama.model.gguf_model import GGUFModel
 from dllama.net import messages as M
 from dllama.runtime.cluster.tcp import Settings
-from dllama.runtime.memory import DEFAULT_KV_TYPE
 from dllama.runtime.root import Root
 from dllama.service.runtime import RuntimeConfig
 

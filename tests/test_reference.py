@@ -18,10 +18,10 @@ import torch  # noqa: E402  (installed by .ci/run: the reference must run, never
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from dllama.kv_cache import DEFAULT_KV_TYPE  # noqa: E402
 from dllama.model.convert import convert  # noqa: E402
 from dllama.model.default import default_model_path  # noqa: E402
 from dllama.model.gguf_model import GGUFModel  # noqa: E402
-from dllama.runtime.memory import DEFAULT_KV_TYPE  # noqa: E402
 from dllama.runtime.root import Root  # noqa: E402
 from dllama.runtime.session import Session  # noqa: E402
 from dllama.sampling.sampler import Sampler  # noqa: E402

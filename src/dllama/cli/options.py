@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dllama.runtime.memory import DEFAULT_KV_TYPE, KV_TYPES
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 
 
 def positive_int(s: str) -> int:

@@ -10,10 +10,10 @@ import numpy as np
 
 from dllama.engine import _kernels
 from dllama.engine.rope import rope_tables
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.model.config import ModelConfig
 from dllama.model.tensor_view import TensorView
 from dllama.model.weight_types import row_bytes
-from dllama.runtime.memory import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.split.plan import NodeShare, Placement
 
 CommError = _kernels.CommError

@@ -14,9 +14,9 @@ from typing import ClassVar
 
 from dllama.arch import ARCHITECTURES
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.model.config import ModelConfig
 from dllama.model.weight_types import NATIVE
-from dllama.runtime.memory import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.split.plan import NodeShare, SplitPlan
 
 VERSION = 2

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.model.config import ModelConfig
 from dllama.model.weight_types import row_bytes
 
@@ -91,11 +92,6 @@ def available_bytes() -> int:
     return avail if cg is None else max(0, min(avail, cg))
 
 
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # GGML type of a cached K or V row
-# The one home of the default cache type (CLI, RuntimeConfig, Root, Engine, the cluster and SETUP read it): f16
-# halves the cache and moves logits by ~0.02 on the F32 model (tests/test_failures.py, tests/test_memory.py);
-# both write paths (a prompt batch, one token) round through the same kv_store, so their logits stay identical.
-DEFAULT_KV_TYPE = "f16"
 
 
 def kv_cache_bytes(cfg: ModelConfig, n_kv_heads: int, max_seq: int, kv_type: str = DEFAULT_KV_TYPE) -> int:

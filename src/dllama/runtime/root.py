@@ -14,14 +14,13 @@ import numpy as np
 
 from dllama.engine.engine import Engine, embed_rows
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.model.gguf_model import GGUFModel
 from dllama.net import messages as M
 from dllama.runtime.cluster import Cluster
 from dllama.runtime.cluster.local import LocalCluster
 from dllama.runtime.cluster.tcp import Settings, TcpCluster
 from dllama.runtime.memory import (
-    DEFAULT_KV_TYPE,
-    KV_TYPES,
     RUNTIME_BYTES,
     NodeMemory,
     buffer_bytes,

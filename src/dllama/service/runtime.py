@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE
 from dllama.model.default import resolve_model
 from dllama.model.gguf_model import GGUFModel
 from dllama.runtime.local_workers import LocalWorkers
-from dllama.runtime.memory import DEFAULT_KV_TYPE
 from dllama.runtime.root import DEFAULT_MAX_BATCH, Root
 from dllama.runtime.session import Session, check_prompt_length
 from dllama.tokenizer import Tokenizer

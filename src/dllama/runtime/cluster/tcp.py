@@ -17,13 +17,13 @@ from tqdm import tqdm
 
 from dllama.engine.engine import CommError, Engine, slot_of
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE
 from dllama.model.gguf_model import GGUFModel
 from dllama.model.identity import content_hash
 from dllama.net import messages as M
 from dllama.net import protocol as P
 from dllama.net.conn import Conn
 from dllama.net.mesh import Counters, Mesh, NodeFailure
-from dllama.runtime.memory import DEFAULT_KV_TYPE
 from dllama.split.plan import SplitPlan
 
 DATA_TIMEOUT = 60.0  # the first steps (pages of weights still coming in from disk)
