@@ -72,6 +72,25 @@ def test_a_batch_and_single_steps_give_identical_logits(kv_type, nthreads):
     assert np.array_equal(batch, steps[-1]), np.abs(batch - steps[-1]).max()
 
 
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+def test_long_prompt_in_chunks_and_its_last_token_alone_give_identical_logits(kv_type):
+    """Past a few hundred positions, with 2 threads: the prompt in chunks of 64 (as a session feeds it) against the
+    same prompt without its last token, then that token alone (its attention spread over the threads)."""
+    m = GGUFModel(default_model_path(), verbose=False)
+    ids = (IDS * 50)[:600]
+    with Root(m, nthreads=2, max_seq=640, kv_type=kv_type, **QUIET) as r:
+
+        def chunks(toks):
+            for p in range(0, len(toks), r.max_batch):
+                out = r.forward(toks[p : p + r.max_batch], p)
+            return out.copy()
+
+        whole = chunks(ids)
+        chunks(ids[:-1])
+        alone = r.forward(ids[-1:], len(ids) - 1).copy()
+    assert np.array_equal(whole, alone), np.abs(whole - alone).max()
+
+
 @pytest.fixture(scope="module")
 def two_node_runs(tmp_path_factory):
     """The logits of a 42-token path (an 8-token prompt batch, then single steps) for every cache type at 1 and 2

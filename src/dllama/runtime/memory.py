@@ -105,6 +105,7 @@ def buffer_bytes(cfg: ModelConfig, n_heads: int, n_kv_heads: int, hidden: int, v
     maxc = max(cfg.dim, n_heads * hd, hidden)
     floats = max_batch * (3 * cfg.dim + 2 * n_heads * hd + 2 * n_kv_heads * hd + hidden + 3 * maxc // 32)
     floats += nthreads * max_seq + vocab_rows + max_seq * hd  # attention scratch, logits, rope cos + sin
+    floats += min(max_batch, 4) * n_heads * -(-max_seq // 256) * (hd + 2)  # attention.c: a partial per 256 positions
     if cfg.moe:
         floats += max_batch * (2 * cfg.n_experts + 2 * cfg.dim)
     return 4 * floats + max_batch * (maxc // 32) * 34
