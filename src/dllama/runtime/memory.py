@@ -92,8 +92,6 @@ def available_bytes() -> int:
     return avail if cg is None else max(0, min(avail, cg))
 
 
-
-
 def kv_cache_bytes(cfg: ModelConfig, n_kv_heads: int, max_seq: int, kv_type: str = DEFAULT_KV_TYPE) -> int:
     return 2 * cfg.n_layers * n_kv_heads * max_seq * row_bytes(KV_TYPES[kv_type], cfg.head_dim)
 
