@@ -20,6 +20,13 @@
 - llama.cpp (when `import llama_cpp` works): flash attention, type_k = type_v = the cache type, KV cache filled
   by prefilling up to each position in batches of 512, then --steps single-token decodes (median).
 
+--kv-ab: this checkout only, the cache types of --kv against each other (the first is the baseline), ratios in the
+table. Attention alone: interleaved round by round, best of --rounds kept. Whole model: one process holds a Root per
+type (caches made resident with MALLOC_PERTURB_) and alternates single decode steps between them, 5 x --steps each
+per position (median), so a change of the machine's load hits every type alike:
+
+    python bench/bench_attention.py --kv-ab --kv f32 f16 --positions 512 2048 4096
+
 Each measurement runs in its own subprocess; progress goes to stderr, the table and a JSON line to stdout.
 Check `uptime` first: the machine is shared and tok/s fall with the load.
 """
@@ -152,6 +159,31 @@ def child_model(kv: str, positions: list[int], threads: int, steps: int) -> dict
     return res
 
 
+def child_model_ab(kvs: list[str], positions: list[int], threads: int, steps: int) -> dict:
+    """ms per decode token (median) of the whole model for every type of `kvs`, steps interleaved across types."""
+    from dllama.model.default import default_model_path
+    from dllama.model.gguf_model import GGUFModel
+    from dllama.runtime.root import Root
+
+    m = GGUFModel(default_model_path(), verbose=False)
+    roots = {kv: Root(m, nthreads=threads, max_seq=max(positions) + 16, kv_type=kv, log=lambda *a: None) for kv in kvs}
+    res = {}
+    for P in positions:
+        times = {kv: [] for kv in kvs}
+        for r in roots.values():
+            r.forward([1], P, "argmax")  # warm-up
+        for i in range(5 * steps):
+            order = kvs if i % 2 == 0 else kvs[::-1]
+            for kv in order:
+                t = time.perf_counter()
+                roots[kv].forward([1], P + i % 8, "argmax")
+                times[kv].append(time.perf_counter() - t)
+        res[P] = {kv: statistics.median(v) * 1e3 for kv, v in times.items()}
+    for r in roots.values():
+        r.close()
+    return res
+
+
 def child_prefill(kv: str, positions: list[int], threads: int, steps: int) -> dict:
     """Whole model: seconds to prefill a prompt of positions[0] tokens (batches of Root.max_batch)."""
     import inspect
@@ -209,9 +241,9 @@ def child_llamacpp(kv: str, positions: list[int], threads: int, steps: int) -> d
 
 def run_child(kind: str, src: str, kv: str, a, positions: list[int] | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=src)
-    if kind == "model":
+    if kind in ("model", "model-ab"):
         env["MALLOC_PERTURB_"] = "165"  # glibc then writes every calloc'd page (see the module docstring)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--kv", kv, "--threads", str(a.threads),
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--kv", *kv.split(), "--threads", str(a.threads),
            "--steps", str(a.steps), "--reps", str(a.reps), "--positions", *map(str, positions or a.positions)]  # fmt: skip
     r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if r.returncode != 0:
@@ -236,19 +268,23 @@ def main() -> None:
     p.add_argument(
         "--prefill", type=int, default=2048, help="also time a prompt of this many tokens (0: skip)"
     )
-    p.add_argument("--child", choices=["attn", "model", "llamacpp", "prefill"])
+    p.add_argument("--kv-ab", action="store_true", help="compare the --kv types of this checkout, interleaved")
+    p.add_argument("--child", choices=["attn", "model", "model-ab", "llamacpp", "prefill"])
     a = p.parse_args()
     if a.child:
         fn = {
             "attn": child_attention,
             "model": child_model,
+            "model-ab": child_model_ab,
             "llamacpp": child_llamacpp,
             "prefill": child_prefill,
         }[a.child]
         extra = a.reps if a.child == "attn" else a.steps
-        print(json.dumps(fn(a.kv[0], a.positions, a.threads, extra)))
+        print(json.dumps(fn(a.kv if a.child == "model-ab" else a.kv[0], a.positions, a.threads, extra)))
         return
 
+    if a.kv_ab:
+        return kv_ab(a)
     before_src, after_src = a.before_src or build_before(a.before_ref), os.path.join(ROOT, "src")
     try:
         import llama_cpp  # noqa: F401
@@ -331,6 +367,43 @@ def main() -> None:
         print(f"\nprefill of {a.prefill} tokens (f32 cache, whole model): before {pre['before_tps']:.1f} tok/s, "
               f"after {pre['after_tps']:.1f} tok/s, x{b / f:.2f}")  # fmt: skip
     print(json.dumps({"threads": a.threads, "load": [load0[0], load1[0]], "rows": rows, "prefill": pre}))
+
+
+def kv_ab(a) -> None:
+    """Cache types against the first of --kv, this checkout, interleaved by round (best of --rounds kept)."""
+    src, load0, R = os.path.join(ROOT, "src"), os.getloadavg(), {}
+    for rnd in range(a.rounds):
+        for kv in a.kv:
+            _log(f"round {rnd + 1}: attention alone, {kv} cache")
+            for P, val in run_child("attn", src, kv, a).items():
+                old = R.setdefault(("attn", kv, P), val)
+                R[("attn", kv, P)] = {k: min(val[k], old[k]) for k in val}
+    if not a.no_model:
+        _log(f"whole model, {' / '.join(a.kv)} caches interleaved step by step")
+        for P, by_kv in run_child("model-ab", src, " ".join(a.kv), a).items():
+            for kv, ms in by_kv.items():
+                R[("model", kv, P)] = ms
+    base = a.kv[0]
+    print(f"\n{a.threads} thread(s), attention: best of {a.rounds} interleaved rounds; load average {load0[0]:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end; x = {base} time / this type's time (> 1: faster than {base})")
+    print("attn cpu: attention alone, all layers of one decode token, 1 thread, CPU ms; attn wall: the same with "
+          f"{a.threads} threads, wall ms; model: whole-model decode tok/s (median step)")
+    table = [["pos", "kv", "attn cpu", "x", "attn wall", "x", "model tok/s", "x"]]
+    rows = []
+    for P in a.positions:
+        for kv in a.kv:
+            at, ab = R[("attn", kv, P)], R[("attn", base, P)]
+            mt, mb = R.get(("model", kv, P)), R.get(("model", base, P))
+            table.append([str(P), kv, f"{at['cpu']:.2f}", f"{ab['cpu'] / at['cpu']:.2f}", f"{at['wall']:.2f}",
+                          f"{ab['wall'] / at['wall']:.2f}", f"{1e3 / mt:.1f}" if mt else "-",
+                          f"{mb / mt:.2f}" if mt else "-"])  # fmt: skip
+            rows.append({"pos": P, "kv": kv, "attn": at, "model_ms": mt})
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for n, r in enumerate(table):
+        print(" | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+        if n == 0:
+            print("-+-".join("-" * w for w in widths))
+    print(json.dumps({"threads": a.threads, "rows": rows}))
 
 
 if __name__ == "__main__":

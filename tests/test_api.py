@@ -384,17 +384,18 @@ def test_two_nodes_answer_and_a_dead_worker_gives_503():
         assert r.choices[0].text.startswith(" Paris")
         assert "Berlin" in ask(c, "What is the capital of Germany?", max_tokens=20).choices[0].message.content
         # logprobs from logits gathered across nodes: P(" Paris") as the NumPy reference model computes it
-        # (0.7725, see test_completion_logprobs_match_the_numpy_reference)
+        # (0.7725, float64, see test_completion_logprobs_match_the_numpy_reference), within the noise of Q8_0
+        # activations, the q80 sync and the KV cache's rounding: measured 0.750 / 0.738 / 0.725 on 2 nodes with an
+        # f32 / f16 (default) / q8_0 cache, 0.783 / 0.758 / 0.763 on one (a gather bug would be far off)
         tops = {}
         for temperature in (0.5, 0.0):
             lp = c.completions.create(model="any", prompt="The capital of France is", max_tokens=1, logprobs=5,
                                       temperature=temperature, seed=1).choices[0].logprobs  # fmt: skip
             tops[temperature] = lp.top_logprobs[0]
-            assert abs(math.exp(tops[temperature][" Paris"]) - 0.7725) < 0.03, (temperature, lp)
+            assert abs(math.exp(tops[temperature][" Paris"]) - 0.7725) < 0.05, (temperature, lp)
         # greedy too: the other node then sends all its logits, not only its best, so the same distribution (the
-        # repeated prompt's last token runs alone, not in a batch: equal to arithmetic noise)
-        assert tops[0.0].keys() == tops[0.5].keys()
-        assert all(abs(tops[0.0][k] - tops[0.5][k]) < 1e-4 for k in tops[0.0])
+        # repeated prompt's last token runs alone, not in a batch: a single step gives the batch's very logits)
+        assert tops[0.0] == tops[0.5]
 
         workers = _children(s.proc.pid)
         assert len(workers) == 1
@@ -533,8 +534,7 @@ def test_completion_logprobs_match_the_numpy_reference(client):
         model="any", prompt=ids, max_tokens=1, logprobs=5, temperature=2.0, seed=3
     )
     hot_top = hot.choices[0].logprobs.top_logprobs[0]
-    assert hot_top.keys() == lp.top_logprobs[0].keys()  # equal up to arithmetic noise (a batch vs a single step)
-    assert all(abs(hot_top[k] - lp.top_logprobs[0][k]) < 1e-4 for k in hot_top)
+    assert hot_top == lp.top_logprobs[0]  # a batch and a single step give the same logits (bit for bit)
 
 
 def test_chat_logprobs_streamed_and_not(client):
@@ -555,8 +555,7 @@ def test_chat_logprobs_streamed_and_not(client):
     streamed = [
         t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content
     ]
-    assert [t.token for t in streamed] == [t.token for t in content]
-    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, content, strict=True))
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     # logprobs without alternatives
     bare = ask(client, "Hi", max_tokens=3, logprobs=True).choices[0].logprobs.content
     assert len(bare) == 3 and all(t.top_logprobs == [] for t in bare)

@@ -198,7 +198,9 @@ def test_worker_with_local_model_receives_nothing(default_model, workers):
     m = GGUFModel(default_model)
     (w,) = workers(1, extra=["--model", default_model])
     logs = []
-    r = Root(m, nthreads=1, max_seq=64, workers=[w.address], secret="test-secret", log=logs.append)
+    # the cache type of cluster() below (QUIET): the comparison is about where the slice came from
+    r = Root(m, nthreads=1, max_seq=64, workers=[w.address], secret="test-secret", kv_type=QUIET["kv_type"],
+             log=logs.append)  # fmt: skip
     with r:
         got = r.forward([1, 2, 3], 0).copy()
     assert any("read from its local model file" in line for line in logs), logs

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFWriter
 from gguf.quants import quantize
@@ -67,11 +68,15 @@ def test_non_native_types_are_converted_at_load_keeping_quality(tiny8, tmp_path)
     assert len(notes) == 1 and "Q5_0->Q8_0" in notes[0] and "BF16->Q8_0" in notes[0], r.stderr
 
 
-def test_kv_cache_capped_to_available_memory(monkeypatch, default_model):
-    monkeypatch.setattr(memory, "available_bytes", lambda: 512 << 20)  # pretend 512 MiB are free
+# (cache type, bytes per cached value, pretended free MiB): the full 8192-position cache needs 377 MB in f32,
+# 189 MB in f16 (the default), more than fits beside the model's ~225 MB in these budgets
+@pytest.mark.parametrize("kv_type,nbytes,free_mib", [(None, 2, 384), ("f32", 4, 512)], ids=["default-f16", "f32"])
+def test_kv_cache_capped_to_available_memory(monkeypatch, default_model, kv_type, nbytes, free_mib):
+    monkeypatch.setattr(memory, "available_bytes", lambda: free_mib << 20)  # pretend so much is free
     notes = []
-    r = Root(GGUFModel(default_model), nthreads=1, log=notes.append)  # the model's context: 8192 positions
-    per_pos = 2 * r.cfg.n_layers * r.cfg.kv_dim * 4
+    kw = {"kv_type": kv_type} if kv_type else {}
+    r = Root(GGUFModel(default_model), nthreads=1, log=notes.append, **kw)  # the model's context: 8192 positions
+    per_pos = 2 * r.cfg.n_layers * r.cfg.kv_dim * nbytes
     assert r.max_seq < r.cfg.context_length
-    assert r.max_seq * per_pos <= 0.6 * (512 << 20)
+    assert r.max_seq * per_pos <= 0.6 * (free_mib << 20)
     assert any("capped" in n for n in notes), notes

@@ -135,8 +135,9 @@ def dllama(*args, timeout=600):
 
 
 def test_cli_prints_the_value(q41_one_node):
+    # the cache type of the in-process run it must equal (q41_one_node: f32)
     r = dllama("perplexity", "--file", str(TEXT), "--ctx", str(CTX), "--chunks", str(CHUNKS), "--nthreads", "2",
-               "--buffer-float-type", "f32")  # fmt: skip
+               "--buffer-float-type", "f32", "--kv-cache-type", "f32")  # fmt: skip
     assert r.returncode == 0, r.stderr
     m = re.fullmatch(r"perplexity: (\d+\.\d{4}) \+/- (\d+\.\d{5})\n", r.stdout)
     assert m, r.stdout

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
+
 
 def positive_int(s: str) -> int:
     try:
@@ -80,8 +82,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-storage", choices=["ram", "disk"], default="ram",
         help="disk: the KV cache in a memory-mapped file (long contexts on small machines); workers too",
     )
-    p.add_argument("--kv-cache-type", choices=["f32", "f16", "q8_0"], default="f32",
-                   help="type of the cached keys and values (f16 halves the memory, q8_0 nearly quarters it)")
+    p.add_argument("--kv-cache-type", choices=list(KV_TYPES), default=DEFAULT_KV_TYPE,
+                   help=f"type of the cached keys and values (default {DEFAULT_KV_TYPE}; f16 halves the memory of f32, "
+                        "q8_0 nearly quarters it)")  # fmt: skip
     p.add_argument("--kv-cache-dir", metavar="DIR", help="directory of the disk KV cache (default: the temp directory)")
     p.add_argument(
         "--chat-template",

@@ -10,10 +10,10 @@ import numpy as np
 
 from dllama.engine import _kernels
 from dllama.engine.rope import rope_tables
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.model.config import ModelConfig
 from dllama.model.tensor_view import TensorView
 from dllama.model.weight_types import row_bytes
-from dllama.runtime.memory import KV_TYPES
 from dllama.split.plan import NodeShare, Placement
 
 CommError = _kernels.CommError
@@ -42,7 +42,7 @@ def embed_rows(raw: bytes | memoryview | np.ndarray, qtype: int, dim: int, out: 
 class Engine:
     def __init__(self, cfg: ModelConfig, share: NodeShare, *, max_seq: int, max_batch: int, nthreads: int,
                  sync: str = "q80", check_residual: bool = False, kv_dir: str | None = None,
-                 kv_type: str = "f32"):  # fmt: skip
+                 kv_type: str = DEFAULT_KV_TYPE):  # fmt: skip
         self.cfg, self.share = cfg, share
         self.max_seq, self.max_batch = max_seq, max_batch
         self.x = np.zeros((max_batch, cfg.dim), dtype=np.float32)  # residual stream [B, dim]

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from dllama.arch import ARCHITECTURES
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.model.config import ModelConfig
 from dllama.model.weight_types import NATIVE
 from dllama.split.plan import NodeShare, SplitPlan
@@ -313,7 +314,7 @@ class Setup(Message):
     check_residual: bool = False  # debug: report a hash of the residual stream after every forward
     weight_bytes: int = 0  # bytes of this node's slice (as the root will send or it will read them)
     kv_storage: str = "ram"  # "disk": the KV cache in a memory-mapped file (the worker's --kv-cache-dir)
-    kv_type: str = "f32"  # type of the cached K and V rows: f32, f16 or q8_0
+    kv_type: str = DEFAULT_KV_TYPE  # type of the cached K and V rows: f32, f16 or q8_0
 
     @property
     def plan(self) -> SplitPlan:
@@ -368,7 +369,7 @@ class Setup(Message):
         _check(isinstance(obj.get("check_residual", False), bool), "SETUP: bad check_residual")
         _check(_int(obj.get("weight_bytes", 0), 0, 1 << 48), "SETUP: bad weight_bytes")
         _check(obj.get("kv_storage", "ram") in ("ram", "disk"), "SETUP: bad kv_storage")
-        _check(obj.get("kv_type", "f32") in ("f32", "f16", "q8_0") and (obj.get("kv_type") != "q8_0" or cfg.head_dim % 32 == 0),
+        _check(obj.get("kv_type", DEFAULT_KV_TYPE) in KV_TYPES and (obj.get("kv_type") != "q8_0" or cfg.head_dim % 32 == 0),
                "SETUP: bad kv_type")  # fmt: skip
         try:
             session_id = bytes.fromhex(str(obj.get("session_id")))
@@ -380,7 +381,7 @@ class Setup(Message):
         return cls(cfg, tuple(float(w) for w in weights), tuple(nodes), obj["index"], obj["max_seq"], obj["max_batch"],
                    obj["sync"], tuple(peers), session_id, obj["local_weights"], model_hash,
                    obj.get("check_residual", False), obj.get("weight_bytes", 0), obj.get("kv_storage", "ram"),
-                   obj.get("kv_type", "f32"))  # fmt: skip
+                   obj.get("kv_type", DEFAULT_KV_TYPE))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.model.config import ModelConfig
 from dllama.model.weight_types import row_bytes
 from dllama.runtime.cgroup import group_dirs
@@ -76,10 +77,7 @@ def available_bytes() -> int:
     return avail if cg is None else max(0, min(avail, cg))
 
 
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # GGML type of a cached K or V row
-
-
-def kv_cache_bytes(cfg: ModelConfig, n_kv_heads: int, max_seq: int, kv_type: str = "f32") -> int:
+def kv_cache_bytes(cfg: ModelConfig, n_kv_heads: int, max_seq: int, kv_type: str = DEFAULT_KV_TYPE) -> int:
     return 2 * cfg.n_layers * n_kv_heads * max_seq * row_bytes(KV_TYPES[kv_type], cfg.head_dim)
 
 
@@ -90,6 +88,7 @@ def buffer_bytes(cfg: ModelConfig, n_heads: int, n_kv_heads: int, hidden: int, v
     maxc = max(cfg.dim, n_heads * hd, hidden)
     floats = max_batch * (3 * cfg.dim + 2 * n_heads * hd + 2 * n_kv_heads * hd + hidden + 3 * maxc // 32)
     floats += nthreads * max_seq + vocab_rows + max_seq * hd  # attention scratch, logits, rope cos + sin
+    floats += min(max_batch, 4) * n_heads * -(-max_seq // 256) * (hd + 2)  # attention.c: a partial per 256 positions
     if cfg.moe:
         floats += max_batch * (2 * cfg.n_experts + 2 * cfg.dim)
     return 4 * floats + max_batch * (maxc // 32) * 34
@@ -103,6 +102,7 @@ class NodeMemory:
     kv_cache: int
     buffers: int
     runtime: int = RUNTIME_BYTES
+    kv_type: str = ""  # named in the report when known (the cache's size depends on it)
 
     @property
     def total(self) -> int:
@@ -110,8 +110,9 @@ class NodeMemory:
 
     def describe(self) -> str:
         mb = lambda n: f"{n / 1e6:.0f} MB"  # noqa: E731
-        return (f"{mb(self.total)} (weights {mb(self.weights)} + KV cache {mb(self.kv_cache)} + buffers "
-                f"{mb(self.buffers)} + runtime {mb(self.runtime)})")  # fmt: skip
+        kv = f"KV cache {mb(self.kv_cache)}" + (f" {self.kv_type}" if self.kv_type else "")
+        return (f"{mb(self.total)} (weights {mb(self.weights)} + {kv} + buffers {mb(self.buffers)} + runtime "
+                f"{mb(self.runtime)})")  # fmt: skip
 
 
 def check_fits(need: NodeMemory, who: str) -> None:

@@ -14,13 +14,13 @@ import numpy as np
 
 from dllama.engine.engine import Engine, embed_rows
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE, KV_TYPES
 from dllama.model.gguf_model import GGUFModel
 from dllama.net import messages as M
 from dllama.runtime.cluster import Cluster
 from dllama.runtime.cluster.local import LocalCluster
 from dllama.runtime.cluster.tcp import Settings, TcpCluster
 from dllama.runtime.memory import (
-    KV_TYPES,
     RUNTIME_BYTES,
     NodeMemory,
     buffer_bytes,
@@ -46,8 +46,8 @@ class Root:
     def __init__(self, model: GGUFModel, *, nthreads: int = 1, max_seq: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, workers: list[str] | None = None, split_weights=None,
                  sync: str = "q80", secret: str | None = None, check_residual: bool | None = None,
-                 kv_storage: str = "ram", kv_dir: str | None = None, kv_type: str = "f32", dry_run: bool = False,
-                 log=None, encrypt: bool = False):  # fmt: skip
+                 kv_storage: str = "ram", kv_dir: str | None = None, kv_type: str = DEFAULT_KV_TYPE,
+                 dry_run: bool = False, log=None, encrypt: bool = False):  # fmt: skip
         self.model = model
         self.cfg = cfg = model.config
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -113,12 +113,14 @@ class Root:
         kv = 0 if self.kv_dir else kv_cache_bytes(cfg, n.n_kv_heads, self.max_seq, self.kv_type)
         return NodeMemory(self.plan.node_bytes(n, self.model), kv,
                           buffer_bytes(cfg, n.n_heads, n.n_kv_heads, n.hidden, n.vocab_rows, self.max_seq,
-                                       self.max_batch, self.nthreads))  # fmt: skip
+                                       self.max_batch, self.nthreads), kv_type=self.kv_type)  # fmt: skip
 
     def describe(self) -> str:
-        """One line per node: its share and the memory it holds and needs."""
-        return self.plan.describe([m.weights for m in self.memory], [m.kv_cache for m in self.memory],
-                                  [m.total for m in self.memory])  # fmt: skip
+        """One line per node: its share and the memory it holds and needs; then what the KV cache holds."""
+        table = self.plan.describe([m.weights for m in self.memory], [m.kv_cache for m in self.memory],
+                                   [m.total for m in self.memory])  # fmt: skip
+        where = f"on disk in {self.kv_dir}" if self.kv_dir else "in RAM"
+        return f"{table}\nKV cache: {self.kv_type} keys and values, {self.max_seq} positions, {where}"
 
     @property
     def n_nodes(self) -> int:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE
 from dllama.model.default import resolve_model
 from dllama.model.gguf_model import GGUFModel
 from dllama.runtime.local_workers import LocalWorkers
@@ -37,7 +38,7 @@ class RuntimeConfig:
     chat_template: str | None = None  # a built-in name or a Jinja file replacing the model's template
     max_batch: int | None = None  # tokens per forward pass (default: dllama.runtime.root.DEFAULT_MAX_BATCH)
     kv_storage: str = "ram"  # "disk": the KV cache in a memory-mapped file
-    kv_type: str = "f32"  # f32, f16 or q8_0
+    kv_type: str = DEFAULT_KV_TYPE  # f32, f16 or q8_0
     kv_dir: str | None = None
     encrypt: bool = False  # every link AES-256-GCM encrypted (--encrypt)
 
@@ -48,7 +49,7 @@ class RuntimeConfig:
                    local_workers=g("local_workers", 0) or 0, split_weights=tuple(g("weights")) if g("weights") else None,
                    sync=g("buffer_float_type", "q80"), secret=g("secret"), tokenizer=g("tokenizer"),
                    chat_template=g("chat_template"), max_batch=g("batch"), kv_storage=g("kv_cache_storage", "ram") or "ram",
-                   kv_dir=g("kv_cache_dir"), kv_type=g("kv_cache_type", "f32") or "f32",
+                   kv_dir=g("kv_cache_dir"), kv_type=g("kv_cache_type") or DEFAULT_KV_TYPE,
                    encrypt=bool(g("encrypt", False)))  # fmt: skip
 
 

@@ -5,9 +5,14 @@
  * The query heads that share a KV head (GQA group) and, in prompt batches, several rows are one tile: every K/V
  * row is read (and converted) once per tile, not once per query head.
  *
- * Work items are (KV head, tile of queries, range of positions). When there are too few (decode: T = 1 and a
- * handful of KV heads) the positions are split into ranges handled by different threads, each producing an
- * unnormalised partial (acc, m, l) that is merged afterwards, so all cores stream the cache at long contexts.
+ * Every query's context is cut into fixed ranges of ATT_RANGE positions; each range gets its own online softmax
+ * (acc, m, l), and the ranges are folded in order (att_fold). The arithmetic of a query therefore depends only on its
+ * own context: a prompt batch, the same tokens one at a time, and any thread count give bit-identical outputs (a
+ * seeded answer must not change when the prompt cache lets part of a prompt run as single steps).
+ *
+ * Work items are (KV head, tile of queries, group of ranges). When there are too few (decode: T = 1 and a
+ * handful of KV heads) the ranges are spread over items handled by different threads, each writing one partial
+ * per range, folded afterwards in the same order, so all cores stream the cache at long contexts.
  *
  * Q8_0 keys: the query is quantized to Q8_0 once per tile and K.q uses int8 dot products, as llama.cpp does for a
  * q8_0 K cache. Values are converted to float row by row into the accumulator. */
@@ -18,7 +23,8 @@
 
 #define ATT_BLK 128       /* key positions per online-softmax step */
 #define ATT_QT 16         /* max queries per tile */
-#define ATT_MIN_SPLIT 256 /* fewest positions worth a separate work item */
+#define ATT_RANGE 256    /* positions per range (a multiple of ATT_BLK): the unit of the fold and of splitting */
+#define ATT_SPLIT_T 4     /* only batches of up to this many rows spread their ranges over threads */
 #define ATT_ITEMS 8       /* work items per thread wanted when the positions are split (equal items: balance) */
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -401,23 +407,33 @@ void kv_store(int kv_type, uint8_t *dst, const float *src, int head_dim) {
 
 static size_t up16(size_t n) { return (n + 15) & ~(size_t)15; } /* 64-byte aligned segments */
 
-/* per-thread workspace: scores [QT][BLK], converted K and V rows, acc [QT][hd], m, l [QT],
- * quantized queries [QT][hd/32] and their block scales */
+/* state (acc, m, l) <- state (+) one range's (pacc, pm, pl), as a softmax over both: the one merge used by every path
+ * (noinline: the same instructions whichever caller) */
+static __attribute__((noinline)) void att_fold(float *acc, float *m, float *l, const float *pacc, float pm, float pl,
+                                               int hd) {
+    const float M = pm > *m ? pm : *m, a = expf(*m - M), b = expf(pm - M);
+    for (int d = 0; d < hd; d++) acc[d] = acc[d] * a + pacc[d] * b;
+    *l = *l * a + pl * b;
+    *m = M;
+}
+
+/* per-thread workspace: scores [QT][BLK], converted K and V rows, acc [QT][hd], m, l [QT] of the current range,
+ * the folded acc [QT][hd], m, l [QT], quantized queries [QT][hd/32] and their block scales */
 static size_t ws_floats(int hd) {
     const size_t nbq = (size_t)(hd / QK);
-    return up16((size_t)ATT_QT * ATT_BLK) + 2 * up16((size_t)hd) + up16((size_t)ATT_QT * hd) + 2 * up16(ATT_QT) +
+    return up16((size_t)ATT_QT * ATT_BLK) + 2 * up16((size_t)hd) + 2 * up16((size_t)ATT_QT * hd) + 4 * up16(ATT_QT) +
            up16((ATT_QT * nbq * sizeof(block_q8_0) + 3) / 4) + up16(ATT_QT * nbq);
 }
 
+static int n_ranges(int len) { return (len + ATT_RANGE - 1) / ATT_RANGE; }
+
 size_t attention_scratch_floats(int nthreads, int max_seq, int head_dim, int n_heads, int T) {
-    (void)max_seq;
     if (nthreads < 1) nthreads = 1;
-    /* partials of split work, with target = ATT_ITEMS * nthreads work items and base < target unsplit ones:
-     * nsplit <= target and nsplit * T * nh <= ceil(target / base) * base * qt < 2 * target * ATT_QT */
+    /* one partial per (range, row) of split work: only batches of T <= ATT_SPLIT_T rows are split */
     size_t parts = 0;
     if (nthreads > 1) {
-        const size_t a = (size_t)ATT_ITEMS * nthreads * T * n_heads, b = (size_t)2 * ATT_ITEMS * nthreads * ATT_QT;
-        parts = (a < b ? a : b) * (size_t)(head_dim + 2);
+        const size_t t = (size_t)(T < ATT_SPLIT_T ? T : ATT_SPLIT_T);
+        parts = t * (size_t)n_heads * (size_t)n_ranges(max_seq) * (size_t)(head_dim + 2);
     }
     return (size_t)nthreads * ws_floats(head_dim) + parts + 16;
 }
@@ -438,7 +454,8 @@ static void att_task(void *varg, int chunk, int ith) {
     const int g = r % c->nkv, tile = c->ntile - 1 - r / c->nkv; /* longest tiles (latest rows) first */
     const int j0 = tile * c->qt, nq = c->T * G - j0 < c->qt ? c->T * G - j0 : c->qt;
     const int len = c->pos + (j0 + nq - 1) / G + 1; /* context of the tile's last query */
-    const int s0 = (int)((long long)len * split / c->nsplit), s1 = (int)((long long)len * (split + 1) / c->nsplit);
+    const int nr = n_ranges(len), k0 = (int)((long long)nr * split / c->nsplit);
+    const int k1 = (int)((long long)nr * (split + 1) / c->nsplit); /* this item's ranges */
 
     float *S = c->scratch + (size_t)ith * c->ws;
     float *kf = S + up16((size_t)ATT_QT * ATT_BLK);
@@ -446,7 +463,10 @@ static void att_task(void *varg, int chunk, int ith) {
     float *acc = vf + up16(hd);
     float *m = acc + up16((size_t)ATT_QT * hd);
     float *l = m + up16(ATT_QT);
-    block_q8_0 *qq = (block_q8_0 *)(l + up16(ATT_QT));
+    float *facc = l + up16(ATT_QT); /* the ranges folded so far (unsplit items) */
+    float *fm = facc + up16((size_t)ATT_QT * hd);
+    float *fl = fm + up16(ATT_QT);
+    block_q8_0 *qq = (block_q8_0 *)(fl + up16(ATT_QT));
     float *qd = (float *)qq + up16((ATT_QT * (size_t)nbq * sizeof(block_q8_0) + 3) / 4);
 
     const float *qp[ATT_QT];
@@ -455,9 +475,6 @@ static void att_task(void *varg, int chunk, int ith) {
         const int t = (j0 + i) / G, h = g * G + (j0 + i) % G;
         qp[i] = c->q + ((size_t)t * c->nh + h) * hd;
         L[i] = c->pos + t + 1;
-        m[i] = -INFINITY;
-        l[i] = 0.0f;
-        memset(acc + (size_t)i * hd, 0, sizeof(float) * hd);
         if (type == T_Q8_0) {
             quantize_row_q80(qp[i], qq + (size_t)i * nbq, NULL, hd);
             for (int b = 0; b < nbq; b++) qd[i * nbq + b] = f16_to_f32(qq[i * nbq + b].d);
@@ -468,115 +485,136 @@ static void att_task(void *varg, int chunk, int ith) {
     const int fast = simd >= SIMD_AVX2 && hd % 8 == 0; /* block kernels (Q8_0 implies hd % 32 == 0) */
 #endif
 
-    for (int b0 = s0; b0 < s1; b0 += ATT_BLK) {
-        const int b1 = b0 + ATT_BLK < s1 ? b0 + ATT_BLK : s1;
-        int ilo = 0; /* first query that sees position s */
+    for (int k = k0; k < k1; k++) {
+        const int s0 = k * ATT_RANGE, s1 = s0 + ATT_RANGE < len ? s0 + ATT_RANGE : len;
+        for (int i = 0; i < nq; i++) {
+            m[i] = -INFINITY;
+            l[i] = 0.0f;
+            memset(acc + (size_t)i * hd, 0, sizeof(float) * hd);
+        }
+        for (int b0 = s0; b0 < s1; b0 += ATT_BLK) {
+            const int b1 = b0 + ATT_BLK < s1 ? b0 + ATT_BLK : s1;
+            int ilo = 0; /* first query that sees position s */
 #if defined(ATT_X86)
-        if (fast) {
+            if (fast) {
+                for (int i = 0; i < nq; i++) {
+                    const int n = (L[i] < b1 ? L[i] : b1) - b0;
+                    if (n <= 0) continue;
+#if defined(ATT_512)
+                    if (simd == SIMD_AVX512VNNI && type != T_Q8_0 && hd % 16 == 0) {
+                        att_scores_512(type, qp[i], kb + (size_t)b0 * c->rb, c->rb, n, hd, c->scale, S + i * ATT_BLK);
+                        continue;
+                    }
+#endif
+                    att_scores_avx(type, qp[i], qq + (size_t)i * nbq, qd + i * nbq, kb + (size_t)b0 * c->rb, c->rb, n, hd,
+                                   c->scale, S + i * ATT_BLK, simd);
+                }
+            } else
+#endif
+            /* scores S[i][s - b0] = q_i . k_s * scale */
+            for (int s = b0; s < b1; s++) {
+                while (ilo < nq && L[ilo] <= s) ilo++;
+                if (ilo == nq) break;
+                const uint8_t *kr = kb + (size_t)s * c->rb;
+                if (type == T_Q8_0) {
+                    for (int i = ilo; i < nq; i++)
+                        S[i * ATT_BLK + s - b0] =
+                            att_dot_q8((const block_q8_0 *)kr, qq + (size_t)i * nbq, qd + i * nbq, nbq, simd) * c->scale;
+                    continue;
+                }
+                const float *k = (const float *)kr;
+                if (type == T_F16) {
+                    att_row_f32(type, kr, kf, hd, simd);
+                    k = kf;
+                }
+                for (int i = ilo; i < nq; i++) S[i * ATT_BLK + s - b0] = att_dot(qp[i], k, hd, simd) * c->scale;
+            }
+            /* online softmax: raise the running max, rescale what was accumulated under the old one */
             for (int i = 0; i < nq; i++) {
                 const int n = (L[i] < b1 ? L[i] : b1) - b0;
                 if (n <= 0) continue;
-#if defined(ATT_512)
-                if (simd == SIMD_AVX512VNNI && type != T_Q8_0 && hd % 16 == 0) {
-                    att_scores_512(type, qp[i], kb + (size_t)b0 * c->rb, c->rb, n, hd, c->scale, S + i * ATT_BLK);
-                    continue;
+                float *si = S + i * ATT_BLK;
+                float mx = att_max(si, n, m[i], simd);
+                if (mx > m[i]) {
+                    const float alpha = expf(m[i] - mx); /* 0 on the first block (m = -inf) */
+                    l[i] *= alpha;
+                    float *a = acc + (size_t)i * hd;
+                    for (int d = 0; d < hd; d++) a[d] *= alpha;
+                    m[i] = mx;
                 }
-#endif
-                att_scores_avx(type, qp[i], qq + (size_t)i * nbq, qd + i * nbq, kb + (size_t)b0 * c->rb, c->rb, n, hd,
-                               c->scale, S + i * ATT_BLK, simd);
+                l[i] += att_exp_sum(si, n, mx, simd);
             }
-        } else
+            /* acc_i += p_i[s] * v_s */
+#if defined(ATT_X86)
+            if (fast && hd % 32 == 0) {
+                for (int i0 = 0; i0 < nq; i0 += 3) {
+                    const int ni = nq - i0 < 3 ? nq - i0 : 3;
+                    const int n = (L[i0 + ni - 1] < b1 ? L[i0 + ni - 1] : b1) - b0; /* the group's longest context */
+                    if (n <= 0) continue;
+                    for (int i = i0; i < i0 + ni; i++) { /* positions a shorter query does not see weigh 0 */
+                        const int ni_len = (L[i] < b1 ? L[i] : b1) - b0;
+                        for (int s = ni_len < 0 ? 0 : ni_len; s < n; s++) S[i * ATT_BLK + s] = 0.0f;
+                    }
+                    const float *Pi = S + i0 * ATT_BLK;
+                    const uint8_t *vrow = vb + (size_t)b0 * c->rb;
+                    float *ai = acc + (size_t)i0 * hd;
+                    /* constant query counts: the accumulators stay in registers */
+#if defined(ATT_512)
+                    if (simd == SIMD_AVX512VNNI) {
+                        if (ni == 3) att_values_512(type, Pi, ATT_BLK, 3, vrow, c->rb, n, hd, ai);
+                        else if (ni == 2) att_values_512(type, Pi, ATT_BLK, 2, vrow, c->rb, n, hd, ai);
+                        else att_values_512(type, Pi, ATT_BLK, 1, vrow, c->rb, n, hd, ai);
+                        continue;
+                    }
 #endif
-        /* scores S[i][s - b0] = q_i . k_s * scale */
-        for (int s = b0; s < b1; s++) {
-            while (ilo < nq && L[ilo] <= s) ilo++;
-            if (ilo == nq) break;
-            const uint8_t *kr = kb + (size_t)s * c->rb;
-            if (type == T_Q8_0) {
-                for (int i = ilo; i < nq; i++)
-                    S[i * ATT_BLK + s - b0] =
-                        att_dot_q8((const block_q8_0 *)kr, qq + (size_t)i * nbq, qd + i * nbq, nbq, simd) * c->scale;
+                    if (ni == 3) att_values_avx(type, Pi, ATT_BLK, 3, vrow, c->rb, n, hd, ai);
+                    else if (ni == 2) att_values_avx(type, Pi, ATT_BLK, 2, vrow, c->rb, n, hd, ai);
+                    else att_values_avx(type, Pi, ATT_BLK, 1, vrow, c->rb, n, hd, ai);
+                }
                 continue;
             }
-            const float *k = (const float *)kr;
-            if (type == T_F16) {
-                att_row_f32(type, kr, kf, hd, simd);
-                k = kf;
+#endif
+            ilo = 0;
+            for (int s = b0; s < b1; s++) {
+                while (ilo < nq && L[ilo] <= s) ilo++;
+                if (ilo == nq) break;
+                const uint8_t *vr = vb + (size_t)s * c->rb;
+                const float *v = (const float *)vr;
+                if (type != T_F32) {
+                    att_row_f32(type, vr, vf, hd, simd);
+                    v = vf;
+                }
+                for (int i = ilo; i < nq; i++) att_axpy(acc + (size_t)i * hd, S[i * ATT_BLK + s - b0], v, hd, simd);
             }
-            for (int i = ilo; i < nq; i++) S[i * ATT_BLK + s - b0] = att_dot(qp[i], k, hd, simd) * c->scale;
         }
-        /* online softmax: raise the running max, rescale what was accumulated under the old one */
+        /* the range is done: keep it as a partial (split work) or fold it into the state (queries that see it only) */
         for (int i = 0; i < nq; i++) {
-            const int n = (L[i] < b1 ? L[i] : b1) - b0;
-            if (n <= 0) continue;
-            float *si = S + i * ATT_BLK;
-            float mx = att_max(si, n, m[i], simd);
-            if (mx > m[i]) {
-                const float alpha = expf(m[i] - mx); /* 0 on the first block (m = -inf) */
-                l[i] *= alpha;
-                float *a = acc + (size_t)i * hd;
-                for (int d = 0; d < hd; d++) a[d] *= alpha;
-                m[i] = mx;
+            if (L[i] <= s0) continue;
+            const int t = (j0 + i) / G, h = g * G + (j0 + i) % G;
+            const size_t row = (size_t)t * c->nh + h;
+            float *ai = acc + (size_t)i * hd, *fi = facc + (size_t)i * hd;
+            if (c->nsplit > 1) {
+                float *pp = c->part + ((size_t)k * c->T * c->nh + row) * (hd + 2);
+                memcpy(pp, ai, sizeof(float) * hd);
+                pp[hd] = m[i];
+                pp[hd + 1] = l[i];
+            } else if (k == 0) {
+                memcpy(fi, ai, sizeof(float) * hd);
+                fm[i] = m[i];
+                fl[i] = l[i];
+            } else {
+                att_fold(fi, fm + i, fl + i, ai, m[i], l[i], hd);
             }
-            l[i] += att_exp_sum(si, n, mx, simd);
-        }
-        /* acc_i += p_i[s] * v_s */
-#if defined(ATT_X86)
-        if (fast && hd % 32 == 0) {
-            for (int i0 = 0; i0 < nq; i0 += 3) {
-                const int ni = nq - i0 < 3 ? nq - i0 : 3;
-                const int n = (L[i0 + ni - 1] < b1 ? L[i0 + ni - 1] : b1) - b0; /* the group's longest context */
-                if (n <= 0) continue;
-                for (int i = i0; i < i0 + ni; i++) { /* positions a shorter query does not see weigh 0 */
-                    const int ni_len = (L[i] < b1 ? L[i] : b1) - b0;
-                    for (int s = ni_len < 0 ? 0 : ni_len; s < n; s++) S[i * ATT_BLK + s] = 0.0f;
-                }
-                const float *Pi = S + i0 * ATT_BLK;
-                const uint8_t *vrow = vb + (size_t)b0 * c->rb;
-                float *ai = acc + (size_t)i0 * hd;
-                /* constant query counts: the accumulators stay in registers */
-#if defined(ATT_512)
-                if (simd == SIMD_AVX512VNNI) {
-                    if (ni == 3) att_values_512(type, Pi, ATT_BLK, 3, vrow, c->rb, n, hd, ai);
-                    else if (ni == 2) att_values_512(type, Pi, ATT_BLK, 2, vrow, c->rb, n, hd, ai);
-                    else att_values_512(type, Pi, ATT_BLK, 1, vrow, c->rb, n, hd, ai);
-                    continue;
-                }
-#endif
-                if (ni == 3) att_values_avx(type, Pi, ATT_BLK, 3, vrow, c->rb, n, hd, ai);
-                else if (ni == 2) att_values_avx(type, Pi, ATT_BLK, 2, vrow, c->rb, n, hd, ai);
-                else att_values_avx(type, Pi, ATT_BLK, 1, vrow, c->rb, n, hd, ai);
-            }
-            continue;
-        }
-#endif
-        ilo = 0;
-        for (int s = b0; s < b1; s++) {
-            while (ilo < nq && L[ilo] <= s) ilo++;
-            if (ilo == nq) break;
-            const uint8_t *vr = vb + (size_t)s * c->rb;
-            const float *v = (const float *)vr;
-            if (type != T_F32) {
-                att_row_f32(type, vr, vf, hd, simd);
-                v = vf;
-            }
-            for (int i = ilo; i < nq; i++) att_axpy(acc + (size_t)i * hd, S[i * ATT_BLK + s - b0], v, hd, simd);
         }
     }
 
+    if (c->nsplit > 1) return;
     for (int i = 0; i < nq; i++) {
         const int t = (j0 + i) / G, h = g * G + (j0 + i) % G;
         const size_t row = (size_t)t * c->nh + h;
-        if (c->nsplit == 1) {
-            const float inv = 1.0f / l[i];
-            float *o = c->out + row * hd;
-            for (int d = 0; d < hd; d++) o[d] = acc[(size_t)i * hd + d] * inv;
-        } else {
-            float *pp = c->part + ((size_t)split * c->T * c->nh + row) * (hd + 2);
-            memcpy(pp, acc + (size_t)i * hd, sizeof(float) * hd);
-            pp[hd] = m[i];
-            pp[hd + 1] = l[i];
-        }
+        const float inv = 1.0f / fl[i];
+        float *o = c->out + row * hd;
+        for (int d = 0; d < hd; d++) o[d] = facc[(size_t)i * hd + d] * inv;
     }
 }
 
@@ -604,34 +642,28 @@ void attention(pool *p, const float *q, const uint8_t *kc, const uint8_t *vc, in
     c.ws = ws_floats(head_dim);
     c.part = scratch + (size_t)nth * c.ws;
     c.scale = 1.0f / sqrtf((float)head_dim);
-    /* too few work items for the threads: split the positions too (decode at long contexts) */
-    const int base = n_kv_heads * c.ntile, target = ATT_ITEMS * nth, len = pos + T;
+    /* too few work items for the threads: spread the ranges over items too (decode at long contexts); this changes
+     * who computes a range, never the arithmetic */
+    const int base = n_kv_heads * c.ntile, target = ATT_ITEMS * nth, nr = n_ranges(pos + T);
     c.nsplit = 1;
-    if (nth > 1 && base < target) {
-        const int want = (target + base - 1) / base, most = len / ATT_MIN_SPLIT;
-        c.nsplit = want < most ? want : most;
-        if (c.nsplit < 1) c.nsplit = 1;
+    if (nth > 1 && base < target && T <= ATT_SPLIT_T && nr > 1) {
+        const int want = (target + base - 1) / base;
+        c.nsplit = want < nr ? want : nr;
     }
     pool_run(p, att_task, &c, base * c.nsplit);
     if (c.nsplit == 1) return;
-    /* merge: out = sum_k e^(m_k - M) acc_k / sum_k e^(m_k - M) l_k */
+    /* fold each row's ranges in order, exactly as an unsplit item does */
     const size_t rows = (size_t)T * n_heads, hd = (size_t)head_dim;
     for (size_t r = 0; r < rows; r++) {
-        float M = -INFINITY;
-        for (int k = 0; k < c.nsplit; k++) {
-            const float mk = c.part[((size_t)k * rows + r) * (hd + 2) + hd];
-            M = mk > M ? mk : M;
-        }
-        float *o = out + r * hd, lsum = 0.0f;
-        memset(o, 0, sizeof(float) * hd);
-        for (int k = 0; k < c.nsplit; k++) {
+        const int nrow = n_ranges(pos + (int)(r / (size_t)n_heads) + 1);
+        const float *p0 = c.part + r * (hd + 2);
+        float *o = out + r * hd, fm = p0[hd], fl = p0[hd + 1];
+        memcpy(o, p0, sizeof(float) * hd);
+        for (int k = 1; k < nrow; k++) {
             const float *pp = c.part + ((size_t)k * rows + r) * (hd + 2);
-            if (pp[hd] == -INFINITY) continue; /* this range lies past the query's context */
-            const float w = expf(pp[hd] - M);
-            lsum += w * pp[hd + 1];
-            att_axpy(o, w, pp, head_dim, c.simd);
+            att_fold(o, &fm, &fl, pp, pp[hd], pp[hd + 1], head_dim);
         }
-        const float inv = 1.0f / lsum;
+        const float inv = 1.0f / fl;
         for (size_t d = 0; d < hd; d++) o[d] *= inv;
     }
 }

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from dllama.engine.engine import CommError, Engine, slot_of
 from dllama.errors import DllamaError
+from dllama.kv_cache import DEFAULT_KV_TYPE
 from dllama.model.gguf_model import GGUFModel
 from dllama.model.identity import content_hash
 from dllama.net import messages as M
@@ -40,7 +41,7 @@ class Settings:
     check_residual: bool = False
     weight_bytes: tuple[int, ...] = ()  # exact bytes of each node's slice, so a worker can refuse before allocating
     kv_storage: str = "ram"
-    kv_type: str = "f32"
+    kv_type: str = DEFAULT_KV_TYPE
     encrypt: bool = False  # every link AES-256-GCM encrypted
 
 
