@@ -23,8 +23,8 @@
 
 /* GGML type ids, kept identical so Python can pass gguf's GGMLQuantizationType values straight through */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };
-/* internal layouts (never in files): Q4_0 / Q4_1 repacked in groups of 8 rows, see repack.c */
-enum { T_Q4_0_X8 = 100, T_Q4_1_X8 = 101 };
+/* internal layouts (never in files): Q4_0 / Q4_1 / Q8_0 repacked in groups of 8 rows, see repack.c */
+enum { T_Q4_0_X8 = 100, T_Q4_1_X8 = 101, T_Q8_0_X8 = 102 };
 
 #define QK 32
 
@@ -94,19 +94,19 @@ static inline size_t row_bytes(int type, int n) {
     default: return 0;
     }
 }
-static inline int type_is_x8(int type) { return type == T_Q4_0_X8 || type == T_Q4_1_X8; }
+static inline int type_is_x8(int type) { return type == T_Q4_0_X8 || type == T_Q4_1_X8 || type == T_Q8_0_X8; }
 static inline int type_is_quant(int type) {
     return type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0 || type_is_x8(type);
 }
 
 /* ---- 8-row repacking (repack.c) ---- */
-size_t x8_block_bytes(int type);
-int x8_source_type(int type);
-/* src rows (GGUF Q4_0/Q4_1, `stride` bytes apart; rows % 8 == 0) -> dst, rows/8 groups of cols/32 x8-blocks */
+int x8_type_of(int type);        /* Q4_0 / Q4_1 / Q8_0 -> its x8 layout, else -1 */
+size_t x8_block_bytes(int type); /* bytes of one x8 block (8 rows x 32 columns) */
+/* src rows (GGUF Q4_0/Q4_1/Q8_0, `stride` bytes apart; rows % 8 == 0) -> dst, rows/8 groups of cols/32 x8-blocks */
 void repack_x8(int type, const uint8_t *src, size_t stride, int rows, int cols, uint8_t *dst);
-/* y[t*ldy + i] = row i of the group . x[t], i < 8, t < T */
-void gemm_x8(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs, const float *xd, int xstride, int T,
-             float *y, int ldy);
+/* y[t*ldy + 8g + i] = row i of group g . x[t], for ngroups consecutive groups (`gstride` bytes apart), t < T */
+void gemm_x8(int type, const uint8_t *w, size_t gstride, int ngroups, int nb, const block_q8_0 *xq, const float *xs,
+             const float *xd, int xstride, int T, float *y, int ldy);
 
 /* ---- SIMD level: chosen at build time, can be lowered at run time (tests exercise the scalar path) ---- */
 enum { SIMD_SCALAR = 0, SIMD_NEON = 1, SIMD_AVX2 = 2, SIMD_AVX512VNNI = 3 };
