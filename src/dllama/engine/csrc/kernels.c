@@ -223,62 +223,60 @@ static inline __m256i dot_us8(__m256i u, __m256i s, int vnni) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-static inline float dot_q40_avx(const block_q4_0 *w, const block_q8_0 *x, const float *xs, int nb, int vnni) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float corr = 0.0f;
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const float dw0 = _cvtsh_ss(w[b].d), dw1 = _cvtsh_ss(w[b + 1].d);
-        const __m256i p0 = dot_us8(unpack_nibbles(w[b].qs), _mm256_loadu_si256((const __m256i *)x[b].qs), vnni);
-        const __m256i p1 =
-            dot_us8(unpack_nibbles(w[b + 1].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs), vnni);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dw0 * _cvtsh_ss(x[b].d)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dw1 * _cvtsh_ss(x[b + 1].d)), acc1);
-        corr += dw0 * xs[b] + dw1 * xs[b + 1];
+/* Q4_0 / Q4_1 / Q8_0 rows (GGUF layout) . NT activation rows (`xstride` blocks apart), out[t]. One sequence per
+ * (row, token) whatever NT, so a prompt batch (NT = 4) and a single token (NT = 1) give bit-identical results:
+ * even blocks into acc0, odd ones into acc1 (fma(float(isum), dw * dx, acc)), c * xs into a scalar chain in block
+ * order (c = -8 dw for Q4_0, m for Q4_1), then hsum(acc0 + acc1) + corr. */
+static inline __attribute__((always_inline)) void dotn_q_avx(const int type, const uint8_t *w, const block_q8_0 *x,
+                                                             const float *xs, int xstride, int nb, float *out,
+                                                             const int NT, int vnni) {
+    const size_t bsize = type == T_Q4_1 ? sizeof(block_q4_1) : type == T_Q4_0 ? sizeof(block_q4_0) : sizeof(block_q8_0);
+    __m256 acc[4][2];
+    float corr[4];
+    for (int t = 0; t < NT; t++) {
+        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        corr[t] = 0.0f;
     }
-    for (; b < nb; b++) {
-        const float dw = _cvtsh_ss(w[b].d);
-        const __m256i p = dot_us8(unpack_nibbles(w[b].qs), _mm256_loadu_si256((const __m256i *)x[b].qs), vnni);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(x[b].d)), acc0);
-        corr += dw * xs[b];
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * bsize;
+        uint16_t dh, mh = 0;
+        memcpy(&dh, blk, 2);
+        if (type == T_Q4_1) memcpy(&mh, blk + 2, 2);
+        const float dw = _cvtsh_ss(dh), c = type == T_Q4_1 ? _cvtsh_ss(mh) : -8.0f * dw;
+        __m256i wq, wv = _mm256_setzero_si256();
+        if (type == T_Q8_0) {
+            wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            wq = _mm256_sign_epi8(wv, wv); /* signed x signed via |w| (unsigned) x sign(x, w) */
+        } else {
+            wq = unpack_nibbles(blk + (type == T_Q4_1 ? 4 : 2));
+        }
+        for (int t = 0; t < NT; t++) {
+            const block_q8_0 *xb = x + (size_t)t * xstride + b;
+            __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);
+            if (type == T_Q8_0) xv = _mm256_sign_epi8(xv, wv);
+            const __m256i p = dot_us8(wq, xv, vnni);
+            acc[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(xb->d)), acc[t][b & 1]);
+            if (type != T_Q8_0) corr[t] = fmaf(c, xs[(size_t)t * xstride + b], corr[t]);
+        }
     }
-    return hsum256(_mm256_add_ps(acc0, acc1)) - 8.0f * corr;
+    for (int t = 0; t < NT; t++) out[t] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1])) + corr[t];
 }
 
-static inline float dot_q41_avx(const block_q4_1 *w, const block_q8_0 *x, const float *xs, int nb, int vnni) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float corr = 0.0f;
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const __m256i p0 = dot_us8(unpack_nibbles(w[b].qs), _mm256_loadu_si256((const __m256i *)x[b].qs), vnni);
-        const __m256i p1 =
-            dot_us8(unpack_nibbles(w[b + 1].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs), vnni);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(_cvtsh_ss(w[b].d) * _cvtsh_ss(x[b].d)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1),
-                               _mm256_set1_ps(_cvtsh_ss(w[b + 1].d) * _cvtsh_ss(x[b + 1].d)), acc1);
-        corr += _cvtsh_ss(w[b].m) * xs[b] + _cvtsh_ss(w[b + 1].m) * xs[b + 1];
+static void dot1_q_avx(int type, const void *w, const block_q8_0 *x, const float *xs, int nb, float *out, int vnni) {
+    switch (type) {
+    case T_Q4_0: dotn_q_avx(T_Q4_0, (const uint8_t *)w, x, xs, 0, nb, out, 1, vnni); break;
+    case T_Q4_1: dotn_q_avx(T_Q4_1, (const uint8_t *)w, x, xs, 0, nb, out, 1, vnni); break;
+    default: dotn_q_avx(T_Q8_0, (const uint8_t *)w, x, xs, 0, nb, out, 1, vnni); break;
     }
-    for (; b < nb; b++) {
-        const __m256i p = dot_us8(unpack_nibbles(w[b].qs), _mm256_loadu_si256((const __m256i *)x[b].qs), vnni);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(w[b].d) * _cvtsh_ss(x[b].d)), acc0);
-        corr += _cvtsh_ss(w[b].m) * xs[b];
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + corr;
 }
 
-static inline float dot_q80_avx(const block_q8_0 *w, const block_q8_0 *x, int nb, int vnni) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b < nb; b++) {
-        const __m256i wv = _mm256_loadu_si256((const __m256i *)w[b].qs);
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
-        /* signed x signed via |w| (unsigned) x sign(x, w) */
-        const __m256i p = dot_us8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv), vnni);
-        const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(w[b].d) * _cvtsh_ss(x[b].d)));
-        if (b & 1) acc1 = _mm256_add_ps(acc1, r);
-        else acc0 = _mm256_add_ps(acc0, r);
+static void dot4_q_avx(int type, const void *w, const block_q8_0 *x, const float *xs, int xstride, int nb, float *out,
+                       int vnni) {
+    switch (type) {
+    case T_Q4_0: dotn_q_avx(T_Q4_0, (const uint8_t *)w, x, xs, xstride, nb, out, 4, vnni); break;
+    case T_Q4_1: dotn_q_avx(T_Q4_1, (const uint8_t *)w, x, xs, xstride, nb, out, 4, vnni); break;
+    default: dotn_q_avx(T_Q8_0, (const uint8_t *)w, x, xs, xstride, nb, out, 4, vnni); break;
     }
-    return hsum256(_mm256_add_ps(acc0, acc1));
 }
 
 static float dot_f16_avx(const uint16_t *w, const float *x, int n) {
@@ -304,46 +302,6 @@ static float dot_f32_avx(const float *a, const float *b, int n) {
     float r = hsum256(_mm256_add_ps(acc0, acc1));
     for (; i < n; i++) r += a[i] * b[i];
     return r;
-}
-/* 4 activation rows at once for prompt batches: each weight block is loaded and unpacked once, then
- * dotted with 4 rows (out[i] = W . x[i]); activation rows are `xstride` blocks apart. */
-static void dot4_q4x_avx(int type, const uint8_t *w, const block_q8_0 *x, const float *xs, int xstride, int nb,
-                         float *out, int vnni) {
-    const int q41 = type == T_Q4_1;
-    const size_t bsize = q41 ? sizeof(block_q4_1) : sizeof(block_q4_0);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float corr[4] = {0, 0, 0, 0};
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = w + (size_t)b * bsize;
-        uint16_t dh, mh = 0;
-        memcpy(&dh, blk, 2);
-        if (q41) memcpy(&mh, blk + 2, 2);
-        const float dw = _cvtsh_ss(dh), c = q41 ? _cvtsh_ss(mh) : -8.0f * dw;
-        const __m256i wq = unpack_nibbles(blk + (q41 ? 4 : 2));
-        for (int i = 0; i < 4; i++) {
-            const block_q8_0 *xb = x + (size_t)i * xstride + b;
-            const __m256i p = dot_us8(wq, _mm256_loadu_si256((const __m256i *)xb->qs), vnni);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(xb->d)), acc[i]);
-            corr[i] += c * xs[(size_t)i * xstride + b];
-        }
-    }
-    for (int i = 0; i < 4; i++) out[i] = hsum256(acc[i]) + corr[i];
-}
-
-static void dot4_q80_avx(const block_q8_0 *w, const block_q8_0 *x, int xstride, int nb, float *out, int vnni) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < nb; b++) {
-        const __m256i wv = _mm256_loadu_si256((const __m256i *)w[b].qs);
-        const __m256i wa = _mm256_sign_epi8(wv, wv);
-        const float dw = _cvtsh_ss(w[b].d);
-        for (int i = 0; i < 4; i++) {
-            const block_q8_0 *xb = x + (size_t)i * xstride + b;
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);
-            const __m256i p = dot_us8(wa, _mm256_sign_epi8(xv, wv), vnni);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(xb->d)), acc[i]);
-        }
-    }
-    for (int i = 0; i < 4; i++) out[i] = hsum256(acc[i]);
 }
 #endif
 
@@ -422,9 +380,13 @@ float vec_dot(int type, const void *w, const block_q8_0 *xq, const float *xs, co
     if (g_simd >= SIMD_AVX2) {
         const int vnni = g_simd == SIMD_AVX512VNNI;
         switch (type) {
-        case T_Q4_0: return dot_q40_avx((const block_q4_0 *)w, xq, xs, nb, vnni);
-        case T_Q4_1: return dot_q41_avx((const block_q4_1 *)w, xq, xs, nb, vnni);
-        case T_Q8_0: return dot_q80_avx((const block_q8_0 *)w, xq, nb, vnni);
+        case T_Q4_0:
+        case T_Q4_1:
+        case T_Q8_0: {
+            float r;
+            dot1_q_avx(type, w, xq, xs, nb, &r, vnni);
+            return r;
+        }
         case T_F16: return dot_f16_avx((const uint16_t *)w, xf, n);
         default: return dot_f32_avx((const float *)w, xf, n);
         }
@@ -512,8 +474,7 @@ void vec_dot4(int type, const void *w, const block_q8_0 *xq, const float *xs, in
     if (g_simd >= SIMD_AVX2) {
         const int nb = n / QK;
         const int vnni = g_simd == SIMD_AVX512VNNI;
-        if (type == T_Q8_0) dot4_q80_avx((const block_q8_0 *)w, xq, xstride, nb, out, vnni);
-        else dot4_q4x_avx(type, (const uint8_t *)w, xq, xs, xstride, nb, out, vnni);
+        dot4_q_avx(type, w, xq, xs, xstride, nb, out, vnni);
         return;
     }
 #endif

@@ -122,22 +122,29 @@ static ALWAYS_INLINE __m256i dp_ymm(__m256i s, __m256i w, __m256i x, const int v
     return _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
 
+/* c * xs of every block, summed in block order into its own accumulator: the same FMA chain whatever the tile */
+static ALWAYS_INLINE __m256 x8_cw(const int type, const uint8_t *blk, __m256 dw, const int vnni) {
+    if (type == T_Q4_1_X8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+    if (type == T_Q4_0_X8) return _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+    return _mm256_mul_ps(dw, _mm256_set1_ps(vnni ? -128.0f : 0.0f));
+}
+
+/* Every (row, token) pair follows one operation sequence whatever NT and whichever kernel (this one, the 16-row
+ * AVX-512 one) computes it: per block b, acc = fma(float(isum_b), d_b * xd_b, acc) and corr = fma(c_b, xs_b, corr)
+ * in block order, then y = acc + corr. A token thus gets bit-identical outputs in a prompt batch and alone. */
 static ALWAYS_INLINE void x8_ymm(const int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs,
                                  const float *xd, int xstride, float *y, int ldy, const int NT, const int vnni) {
     const int q8 = type == T_Q8_0_X8;
     const size_t hd = x8_head(type), xb = x8_block_bytes(type);
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    /* few tokens (decode): a separate accumulator for the c * xs terms halves the FMA chain per block */
-    __m256 acc[8], corr[2];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int t = 0; t < 2; t++) corr[t] = _mm256_setzero_ps();
+    /* few tokens (decode): the c * xs chain runs beside the main one; more tokens: in a second pass over the
+     * group's scales (L1-resident by then), which keeps the main loop's accumulators in registers */
+    const int inl = NT <= 2;
+    __m256 acc[8], corr[8];
+    for (int t = 0; t < NT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = grp + (size_t)b * xb;
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        __m256 cw;
-        if (type == T_Q4_1_X8) cw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
-        else if (type == T_Q4_0_X8) cw = _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-        else cw = _mm256_mul_ps(dw, _mm256_set1_ps(vnni ? -128.0f : 0.0f));
         __m256i w[8];
         if (q8) {
             for (int k = 0; k < 8; k++) w[k] = _mm256_loadu_si256((const __m256i *)(blk + hd + 32 * k));
@@ -154,11 +161,16 @@ static ALWAYS_INLINE void x8_ymm(const int type, const uint8_t *grp, int nb, con
             __m256i s = _mm256_setzero_si256();
             for (int k = 0; k < 8; k++) s = dp_ymm(s, w[k], _mm256_set1_epi32(load_i32(a + 4 * k)), vnni, q8);
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(xd[o])), acc[t]);
-            if (NT <= 2) corr[t] = _mm256_fmadd_ps(cw, _mm256_set1_ps(xs[o]), corr[t]);
-            else acc[t] = _mm256_fmadd_ps(cw, _mm256_set1_ps(xs[o]), acc[t]);
+            if (inl) corr[t] = _mm256_fmadd_ps(x8_cw(type, blk, dw, vnni), _mm256_set1_ps(xs[o]), corr[t]);
         }
     }
-    for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + (size_t)t * ldy, NT <= 2 ? _mm256_add_ps(acc[t], corr[t]) : acc[t]);
+    if (!inl)
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = grp + (size_t)b * xb;
+            const __m256 cw = x8_cw(type, blk, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)), vnni);
+            for (int t = 0; t < NT; t++) corr[t] = _mm256_fmadd_ps(cw, _mm256_set1_ps(xs[(size_t)t * xstride + b]), corr[t]);
+        }
+    for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + (size_t)t * ldy, _mm256_add_ps(acc[t], corr[t]));
 }
 
 #define X8_YMM_NT(TYPE, NT, VNNI) x8_ymm(TYPE, grp, nb, xq, xs, xd, xstride, y, ldy, NT, VNNI)
@@ -203,18 +215,16 @@ static ALWAYS_INLINE __m512 f16_pair(const uint8_t *g0, const uint8_t *g1) {
     return _mm512_cvtph_ps(_mm256_set_m128i(_mm_loadu_si128((const __m128i *)g1), _mm_loadu_si128((const __m128i *)g0)));
 }
 
+/* the operation sequence of x8_ymm (see there), on two groups at once */
 static ALWAYS_INLINE void x16_zmm(const int type, const uint8_t *g0, const uint8_t *g1, int nb, const block_q8_0 *xq,
                                   const float *xs, const float *xd, int xstride, float *y, int ldy, const int NT) {
     const size_t hd = x8_head(type), xb = x8_block_bytes(type);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    __m512 acc[8];
-    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    __m512 acc[8], corr[8];
+    for (int t = 0; t < NT; t++) acc[t] = corr[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *b0 = g0 + (size_t)b * xb, *b1 = g1 + (size_t)b * xb;
         const __m512 dw = f16_pair(b0, b1);
-        __m512 cw;
-        if (type == T_Q4_1_X8) cw = f16_pair(b0 + 16, b1 + 16);
-        else cw = _mm512_mul_ps(dw, _mm512_set1_ps(type == T_Q4_0_X8 ? -8.0f : -128.0f));
         __m512i w[8];
         if (type == T_Q8_0_X8) {
             for (int k = 0; k < 8; k++) w[k] = load_pair(b0 + hd + 32 * k, b1 + hd + 32 * k);
@@ -228,7 +238,7 @@ static ALWAYS_INLINE void x16_zmm(const int type, const uint8_t *g0, const uint8
         for (int t = 0; t < NT; t++) {
             const size_t o = (size_t)t * xstride + b;
             const int8_t *a = xq[o].qs;
-            /* two partial sums halve the dependency chain of the 8 dot products */
+            /* two partial sums halve the dependency chain of the 8 dot products (integer: exact in any order) */
             __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(load_i32(a)));
             __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4], _mm512_set1_epi32(load_i32(a + 16)));
             for (int k = 1; k < 4; k++) {
@@ -237,10 +247,15 @@ static ALWAYS_INLINE void x16_zmm(const int type, const uint8_t *g0, const uint8
             }
             const __m512 sf = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
             acc[t] = _mm512_fmadd_ps(sf, _mm512_mul_ps(dw, _mm512_set1_ps(xd[o])), acc[t]);
-            acc[t] = _mm512_fmadd_ps(cw, _mm512_set1_ps(xs[o]), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) _mm512_storeu_ps(y + (size_t)t * ldy, acc[t]);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *b0 = g0 + (size_t)b * xb, *b1 = g1 + (size_t)b * xb;
+        const __m512 cw = type == T_Q4_1_X8 ? f16_pair(b0 + 16, b1 + 16)
+                                            : _mm512_mul_ps(f16_pair(b0, b1), _mm512_set1_ps(type == T_Q4_0_X8 ? -8.0f : -128.0f));
+        for (int t = 0; t < NT; t++) corr[t] = _mm512_fmadd_ps(cw, _mm512_set1_ps(xs[(size_t)t * xstride + b]), corr[t]);
+    }
+    for (int t = 0; t < NT; t++) _mm512_storeu_ps(y + (size_t)t * ldy, _mm512_add_ps(acc[t], corr[t]));
 }
 
 #define X16_NT(TYPE, NT) x16_zmm(TYPE, g0, g1, nb, xq, xs, xd, xstride, y, ldy, NT)
