@@ -5,7 +5,7 @@ original SmolLM2 Q4_1 file. For each model and thread count the two engines run 
 each in a fresh process; medians over the rounds. Decode = 128 greedy tokens one at a time; prefill = a
 100-token prompt. The bandwidth limit is measured read bandwidth / weight bytes read per token.
 
-    python bench/bench_single.py [--rounds 5] [--threads 2 1] [--models 1b smol-q40 smol-q41] [--prompt-len 100]
+    python bench/bench_single.py [--rounds 5] [--threads 2 1] [--models 1b smol-q40 smol-q41 smol-q80] [--prompt-len 100]
     python bench/bench_single.py --vs-src ../main/src ...   # this dllama vs another dllama build (before/after)
 
 With --vs-src the second engine is dllama run with PYTHONPATH=DIR (another worktree's src with its own built
@@ -45,6 +45,17 @@ def prompt_for(path: str, n: int = 100) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+def smollm2_q8_0() -> str:
+    """The default model converted to pure Q8_0 (cached beside the other bench models)."""
+    from dllama.model.convert import convert
+
+    path = os.path.join(MODELS, "smollm2-135m-q8_0.gguf")
+    if not os.path.exists(path):
+        os.makedirs(MODELS, exist_ok=True)
+        convert(smollm2_original(), path, "q80")
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
@@ -65,8 +76,9 @@ def main() -> None:
         ensure_llama_cpp()
     from dllama.model.gguf_model import GGUFModel
 
-    paths = {"1b": synthetic_1b, "smol-q40": smollm2_q4_0, "smol-q41": smollm2_original}
-    names = {"1b": "1B shape Q4_0", "smol-q40": "SmolLM2 Q4_0", "smol-q41": "SmolLM2 Q4_1 (original)"}
+    paths = {"1b": synthetic_1b, "smol-q40": smollm2_q4_0, "smol-q41": smollm2_original, "smol-q80": smollm2_q8_0}
+    names = {"1b": "1B shape Q4_0", "smol-q40": "SmolLM2 Q4_0", "smol-q41": "SmolLM2 Q4_1 (original)",
+             "smol-q80": "SmolLM2 Q8_0"}  # fmt: skip
     bw = {t: measure_bandwidth(t) for t in sorted(set(a.threads))}
     print(f"load average before: {os.getloadavg()[0]:.2f}; read bandwidth: "
           + ", ".join(f"{t} thr {v:.1f} GB/s" for t, v in bw.items()), file=sys.stderr)  # fmt: skip
