@@ -63,7 +63,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["1b", "smol-q40", "smol-q41"])
     p.add_argument("--n-decode", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=100)
-    p.add_argument("--vs-src", metavar="DIR", help="compare with the dllama in DIR (a src folder) instead of llama.cpp")
+    p.add_argument(
+        "--vs-src", metavar="DIR", help="compare with the dllama in DIR (a src folder) instead of llama.cpp"
+    )
     a = p.parse_args()
     if a.vs_src:
         other = f"dllama@{a.vs_src}"
@@ -76,7 +78,12 @@ def main() -> None:
         ensure_llama_cpp()
     from dllama.model.gguf_model import GGUFModel
 
-    paths = {"1b": synthetic_1b, "smol-q40": smollm2_q4_0, "smol-q41": smollm2_original, "smol-q80": smollm2_q8_0}
+    paths = {
+        "1b": synthetic_1b,
+        "smol-q40": smollm2_q4_0,
+        "smol-q41": smollm2_original,
+        "smol-q80": smollm2_q8_0,
+    }
     names = {"1b": "1B shape Q4_0", "smol-q40": "SmolLM2 Q4_0", "smol-q41": "SmolLM2 Q4_1 (original)",
              "smol-q80": "SmolLM2 Q8_0"}  # fmt: skip
     bw = {t: measure_bandwidth(t) for t in sorted(set(a.threads))}

@@ -49,7 +49,9 @@ def _check(raw, qtype, rows, cols, x, nthreads, up=None):
     full = _mm(raw, qtype, rows, cols, x, nthreads, up)
     for t in range(x.shape[0]):  # every token alone (the GEMV / decode path)
         one = _mm(raw, qtype, rows, cols, x[t : t + 1], nthreads, up)
-        assert np.array_equal(full[t], one[0]), f"token {t} of {x.shape[0]}: max diff {np.abs(full[t] - one[0]).max()}"
+        assert np.array_equal(full[t], one[0]), (
+            f"token {t} of {x.shape[0]}: max diff {np.abs(full[t] - one[0]).max()}"
+        )
     for T in (2, 3, 4, 5, 8, 9, 16, 17, 33):  # every tile size and mix of them, as a batch prefix
         part = _mm(raw, qtype, rows, cols, x[:T], nthreads, up)
         assert np.array_equal(part, full[:T]), f"T={T}: max diff {np.abs(part - full[:T]).max()}"
@@ -98,7 +100,9 @@ def _forward_three_ways(path, ids, nthreads, kv_type="f32"):
 def _assert_same(path, ids, nthreads, kv_type="f32"):
     batch, prefix_single, steps = _forward_three_ways(path, ids, nthreads, kv_type)
     assert np.abs(batch).max() > 0
-    assert np.array_equal(batch, prefix_single), f"batch vs prefix+single: {np.abs(batch - prefix_single).max()}"
+    assert np.array_equal(batch, prefix_single), (
+        f"batch vs prefix+single: {np.abs(batch - prefix_single).max()}"
+    )
     assert np.array_equal(batch, steps), f"batch vs all-single: {np.abs(batch - steps).max()}"
 
 
@@ -106,7 +110,29 @@ def _assert_same(path, ids, nthreads, kv_type="f32"):
 @pytest.mark.parametrize("kv_type", ["f32", "f16"])
 def test_default_model_batch_equals_single(default_model, nthreads, kv_type):
     # 21 tokens: a 16-token tile, a 4 and a 1 in the batch
-    ids = [1, 504, 3458, 282, 260, 2151, 30, 1326, 253, 2734, 11, 1580, 47, 9, 870, 4219, 30, 1326, 253, 2, 17]
+    ids = [
+        1,
+        504,
+        3458,
+        282,
+        260,
+        2151,
+        30,
+        1326,
+        253,
+        2734,
+        11,
+        1580,
+        47,
+        9,
+        870,
+        4219,
+        30,
+        1326,
+        253,
+        2,
+        17,
+    ]
     _assert_same(default_model, ids, nthreads, kv_type)
 
 

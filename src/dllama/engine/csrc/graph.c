@@ -63,9 +63,10 @@ struct engine {
 int g_repack = -1;
 
 uint8_t *tensor_repack(tensor *t) {
-    const int xt = x8_type_of(t->type);
+    const type_traits *tt = type_traits_of(t->type);
+    const int xt = tt ? tt->x8_type : -1;
     if (!g_repack || xt < 0 || t->rows % 8 || t->rows == 0) return NULL;
-    const size_t group = (size_t)(t->cols / QK) * x8_block_bytes(xt);
+    const size_t group = (size_t)(t->cols / QK) * (size_t)g_types[xt].block_bytes;
     uint8_t *dst = (uint8_t *)malloc(group * (size_t)(t->rows / 8));
     if (!dst) return NULL;
     repack_x8(t->type, t->data, t->stride, t->rows, t->cols, dst);

@@ -96,45 +96,40 @@ void quantize_row_q80(const float *x, block_q8_0 *y, float *s, int n) {
     }
 }
 
-void dequantize_row(int type, const void *src, float *dst, int n) {
-    const int nb = n / QK;
-    switch (type) {
-    case T_F32: memcpy(dst, src, (size_t)n * 4); break;
-    case T_F16: {
-        const uint16_t *h = (const uint16_t *)src;
-        for (int i = 0; i < n; i++) dst[i] = f16_to_f32(h[i]);
-        break;
-    }
-    case T_Q4_0: {
-        const block_q4_0 *b = (const block_q4_0 *)src;
-        for (int i = 0; i < nb; i++) {
-            const float d = f16_to_f32(b[i].d);
-            for (int j = 0; j < QK / 2; j++) {
-                dst[i * QK + j] = ((b[i].qs[j] & 0x0F) - 8) * d;
-                dst[i * QK + j + QK / 2] = ((b[i].qs[j] >> 4) - 8) * d;
-            }
+void dequant_f32(const void *src, float *dst, int n) { memcpy(dst, src, (size_t)n * 4); }
+
+void dequant_f16(const void *src, float *dst, int n) {
+    const uint16_t *h = (const uint16_t *)src;
+    for (int i = 0; i < n; i++) dst[i] = f16_to_f32(h[i]);
+}
+
+void dequant_q4_0(const void *src, float *dst, int n) {
+    const block_q4_0 *b = (const block_q4_0 *)src;
+    for (int i = 0; i < n / QK; i++) {
+        const float d = f16_to_f32(b[i].d);
+        for (int j = 0; j < QK / 2; j++) {
+            dst[i * QK + j] = ((b[i].qs[j] & 0x0F) - 8) * d;
+            dst[i * QK + j + QK / 2] = ((b[i].qs[j] >> 4) - 8) * d;
         }
-        break;
     }
-    case T_Q4_1: {
-        const block_q4_1 *b = (const block_q4_1 *)src;
-        for (int i = 0; i < nb; i++) {
-            const float d = f16_to_f32(b[i].d), m = f16_to_f32(b[i].m);
-            for (int j = 0; j < QK / 2; j++) {
-                dst[i * QK + j] = (b[i].qs[j] & 0x0F) * d + m;
-                dst[i * QK + j + QK / 2] = (b[i].qs[j] >> 4) * d + m;
-            }
+}
+
+void dequant_q4_1(const void *src, float *dst, int n) {
+    const block_q4_1 *b = (const block_q4_1 *)src;
+    for (int i = 0; i < n / QK; i++) {
+        const float d = f16_to_f32(b[i].d), m = f16_to_f32(b[i].m);
+        for (int j = 0; j < QK / 2; j++) {
+            dst[i * QK + j] = (b[i].qs[j] & 0x0F) * d + m;
+            dst[i * QK + j + QK / 2] = (b[i].qs[j] >> 4) * d + m;
         }
-        break;
     }
-    case T_Q8_0: {
-        const block_q8_0 *b = (const block_q8_0 *)src;
-        for (int i = 0; i < nb; i++) {
-            const float d = f16_to_f32(b[i].d);
-            for (int j = 0; j < QK; j++) dst[i * QK + j] = b[i].qs[j] * d;
-        }
-        break;
-    }
+}
+
+void dequant_q8_0(const void *src, float *dst, int n) {
+    const block_q8_0 *b = (const block_q8_0 *)src;
+    for (int i = 0; i < n / QK; i++) {
+        const float d = f16_to_f32(b[i].d);
+        for (int j = 0; j < QK; j++) dst[i * QK + j] = b[i].qs[j] * d;
     }
 }
 
@@ -186,13 +181,13 @@ static float dot_q80_scalar(const block_q8_0 *w, const block_q8_0 *x, int nb) {
     return acc;
 }
 
-static float dot_f16_scalar(const uint16_t *w, const float *x, int n) {
+static float dot_f16_scalar_(const uint16_t *w, const float *x, int n) {
     float acc = 0.0f;
     for (int i = 0; i < n; i++) acc += f16_to_f32(w[i]) * x[i];
     return acc;
 }
 
-static float dot_f32_scalar(const float *a, const float *b, int n) {
+static float dot_f32_scalar_(const float *a, const float *b, int n) {
     float acc = 0.0f;
     for (int i = 0; i < n; i++) acc += a[i] * b[i];
     return acc;
@@ -260,23 +255,6 @@ static inline __attribute__((always_inline)) void dotn_q_avx(const int type, con
         }
     }
     for (int t = 0; t < NT; t++) out[t] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1])) + corr[t];
-}
-
-static void dot1_q_avx(int type, const void *w, const block_q8_0 *x, const float *xs, int nb, float *out, int vnni) {
-    switch (type) {
-    case T_Q4_0: dotn_q_avx(T_Q4_0, (const uint8_t *)w, x, xs, 0, nb, out, 1, vnni); break;
-    case T_Q4_1: dotn_q_avx(T_Q4_1, (const uint8_t *)w, x, xs, 0, nb, out, 1, vnni); break;
-    default: dotn_q_avx(T_Q8_0, (const uint8_t *)w, x, xs, 0, nb, out, 1, vnni); break;
-    }
-}
-
-static void dot4_q_avx(int type, const void *w, const block_q8_0 *x, const float *xs, int xstride, int nb, float *out,
-                       int vnni) {
-    switch (type) {
-    case T_Q4_0: dotn_q_avx(T_Q4_0, (const uint8_t *)w, x, xs, xstride, nb, out, 4, vnni); break;
-    case T_Q4_1: dotn_q_avx(T_Q4_1, (const uint8_t *)w, x, xs, xstride, nb, out, 4, vnni); break;
-    default: dotn_q_avx(T_Q8_0, (const uint8_t *)w, x, xs, xstride, nb, out, 4, vnni); break;
-    }
 }
 
 static float dot_f16_avx(const uint16_t *w, const float *x, int n) {
@@ -347,7 +325,7 @@ static float dot_q80_neon(const block_q8_0 *w, const block_q8_0 *x, int nb) {
     return acc;
 }
 
-static float dot_f32_neon(const float *a, const float *b, int n) {
+static float dot_f32_neon_(const float *a, const float *b, int n) {
     float32x4_t acc0 = vdupq_n_f32(0), acc1 = vdupq_n_f32(0);
     int i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -365,52 +343,85 @@ float dot_f32(const float *a, const float *b, int n) {
     if (g_simd >= SIMD_AVX2) return dot_f32_avx(a, b, n);
 #endif
 #if defined(__ARM_NEON) && defined(__aarch64__)
-    if (g_simd == SIMD_NEON) return dot_f32_neon(a, b, n);
+    if (g_simd == SIMD_NEON) return dot_f32_neon_(a, b, n);
 #endif
-    return dot_f32_scalar(a, b, n);
+    return dot_f32_scalar_(a, b, n);
 }
 
 void axpy_f32(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i]; /* auto-vectorised at -O3 */
 }
 
-float vec_dot(int type, const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
-    const int nb = n / QK;
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    if (g_simd >= SIMD_AVX2) {
-        const int vnni = g_simd == SIMD_AVX512VNNI;
-        switch (type) {
-        case T_Q4_0:
-        case T_Q4_1:
-        case T_Q8_0: {
-            float r;
-            dot1_q_avx(type, w, xq, xs, nb, &r, vnni);
-            return r;
-        }
-        case T_F16: return dot_f16_avx((const uint16_t *)w, xf, n);
-        default: return dot_f32_avx((const float *)w, xf, n);
-        }
-    }
-#endif
-#if defined(__ARM_NEON) && defined(__aarch64__)
-    if (g_simd == SIMD_NEON) {
-        switch (type) {
-        case T_Q4_0: return dot_q4x_neon((const uint8_t *)w, sizeof(block_q4_0), xq, xs, nb, 0);
-        case T_Q4_1: return dot_q4x_neon((const uint8_t *)w, sizeof(block_q4_1), xq, xs, nb, 1);
-        case T_Q8_0: return dot_q80_neon((const block_q8_0 *)w, xq, nb);
-        case T_F16: return dot_f16_scalar((const uint16_t *)w, xf, n);
-        default: return dot_f32_neon((const float *)w, xf, n);
-        }
-    }
-#endif
-    switch (type) {
-    case T_Q4_0: return dot_q40_scalar((const block_q4_0 *)w, xq, xs, nb);
-    case T_Q4_1: return dot_q41_scalar((const block_q4_1 *)w, xq, xs, nb);
-    case T_Q8_0: return dot_q80_scalar((const block_q8_0 *)w, xq, nb);
-    case T_F16: return dot_f16_scalar((const uint16_t *)w, xf, n);
-    default: return dot_f32_scalar((const float *)w, xf, n);
-    }
+/* ---- the entry points of the type table (types.c): one signature per kind ---- */
+float dot_f32_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f32_scalar_((const float *)w, xf, n);
 }
+float dot_f16_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f16_scalar_((const uint16_t *)w, xf, n);
+}
+float dot_q4_0_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xf;
+    return dot_q40_scalar((const block_q4_0 *)w, xq, xs, n / QK);
+}
+float dot_q4_1_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xf;
+    return dot_q41_scalar((const block_q4_1 *)w, xq, xs, n / QK);
+}
+float dot_q8_0_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xs, (void)xf;
+    return dot_q80_scalar((const block_q8_0 *)w, xq, n / QK);
+}
+
+#if defined(DL_AVX2)
+float dot_f32_avx2(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f32_avx((const float *)w, xf, n);
+}
+float dot_f16_avx2(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f16_avx((const uint16_t *)w, xf, n);
+}
+/* Q4_0 / Q4_1 / Q8_0: one inline kernel for 1 and 4 tokens (bit-identical), per type and dot product flavour */
+#define DOTS_Q_AVX(NAME, TYPE, LEVEL, VNNI)                                                                          \
+    float dot_##NAME##_##LEVEL(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {       \
+        float r;                                                                                                    \
+        (void)xf;                                                                                                   \
+        dotn_q_avx(TYPE, (const uint8_t *)w, xq, xs, 0, n / QK, &r, 1, VNNI);                                       \
+        return r;                                                                                                   \
+    }                                                                                                               \
+    void dot4_##NAME##_##LEVEL(const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out) { \
+        dotn_q_avx(TYPE, (const uint8_t *)w, xq, xs, xstride, n / QK, out, 4, VNNI);                                \
+    }
+DOTS_Q_AVX(q4_0, T_Q4_0, avx2, 0)
+DOTS_Q_AVX(q4_1, T_Q4_1, avx2, 0)
+DOTS_Q_AVX(q8_0, T_Q8_0, avx2, 0)
+#if defined(HAVE_VNNI)
+DOTS_Q_AVX(q4_0, T_Q4_0, vnni, 1)
+DOTS_Q_AVX(q4_1, T_Q4_1, vnni, 1)
+DOTS_Q_AVX(q8_0, T_Q8_0, vnni, 1)
+#endif
+#endif
+
+#if defined(DL_NEON)
+float dot_f32_neon(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f32_neon_((const float *)w, xf, n);
+}
+float dot_q4_0_neon(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xf;
+    return dot_q4x_neon((const uint8_t *)w, sizeof(block_q4_0), xq, xs, n / QK, 0);
+}
+float dot_q4_1_neon(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xf;
+    return dot_q4x_neon((const uint8_t *)w, sizeof(block_q4_1), xq, xs, n / QK, 1);
+}
+float dot_q8_0_neon(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xs, (void)xf;
+    return dot_q80_neon((const block_q8_0 *)w, xq, n / QK);
+}
+#endif
 
 /* ================================ elementwise ================================ */
 
@@ -466,17 +477,4 @@ void silu_mul(float *g, const float *u, int n) {
     }
 #endif
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
-/* out[i] = W . x[i] for 4 activation rows (quantized weight types); falls back to 4 single dots */
-void vec_dot4(int type, const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out) {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    if (g_simd >= SIMD_AVX2) {
-        const int nb = n / QK;
-        const int vnni = g_simd == SIMD_AVX512VNNI;
-        dot4_q_avx(type, w, xq, xs, xstride, nb, out, vnni);
-        return;
-    }
-#endif
-    for (int i = 0; i < 4; i++) out[i] = vec_dot(type, w, xq + (size_t)i * xstride, xs + (size_t)i * xstride, NULL, n);
 }

@@ -117,9 +117,10 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     const size_t rb = row_bytes(kv_type, hd), rows = (size_t)(nkv > 0 ? nkv : 0) * (size_t)(max_seq > 0 ? max_seq : 0);
     const Py_ssize_t qn = (Py_ssize_t)T * nh * hd * 4, kn = (Py_ssize_t)(rows * rb), fn = (Py_ssize_t)(rows * hd * 4);
     const int from_f32 = kv_type != T_F32 && kc.len == fn && vc.len == fn;
-    if (kv_type != T_F32 && kv_type != T_F16 && kv_type != T_Q8_0) {
+    const type_traits *kt = type_traits_of(kv_type);
+    if (!kt || !kt->kv) {
         PyErr_Format(PyExc_ValueError, "attention: KV cache type %d is not F32, F16 or Q8_0", kv_type);
-    } else if (kv_type == T_Q8_0 && hd % QK) {
+    } else if (hd % kt->block_elems) {
         PyErr_Format(PyExc_ValueError, "attention: a Q8_0 KV cache needs head_dim %% 32 == 0 (got %d)", hd);
     } else if (T < 1 || pos < 0 || hd < 1 || nkv < 1 || nh % nkv || q.len != qn || out.len != qn ||
                (!from_f32 && (kc.len != kn || vc.len != kn)) || pos + T > max_seq) {

@@ -18,42 +18,27 @@
 
 #include "common.h"
 
-int x8_type_of(int type) {
-    switch (type) {
-    case T_Q4_0: return T_Q4_0_X8;
-    case T_Q4_1: return T_Q4_1_X8;
-    case T_Q8_0: return T_Q8_0_X8;
-    default: return -1;
-    }
-}
-
-size_t x8_block_bytes(int type) {
-    switch (type) {
-    case T_Q4_0_X8: return 16 + 128;
-    case T_Q4_1_X8: return 32 + 128;
-    default: return 16 + 256;
-    }
-}
-
-/* bytes of the scale header (d, and m for Q4_1) in front of the quants of one x8 block */
-static inline size_t x8_head(int type) { return type == T_Q4_1_X8 ? 32 : 16; }
+/* layout sizes come from the type table (types.c); inside a kernel `type` is a constant */
+static inline size_t x8_head(int type) { return (size_t)g_types[type].head_bytes; }
+static inline size_t x8_block_bytes(int type) { return (size_t)g_types[type].block_bytes; }
 
 void repack_x8(int type, const uint8_t *src, size_t stride, int rows, int cols, uint8_t *dst) {
-    const int xt = x8_type_of(type), nb = cols / QK;
-    const size_t bs = row_bytes(type, QK), hd = x8_head(xt), xb = x8_block_bytes(xt);
-    const size_t qoff = type == T_Q4_1 ? 4 : 2; /* quants after d (and m) in the GGUF block */
-    const int nchunks = type == T_Q8_0 ? 8 : 4;
+    const type_traits *st = &g_types[type];
+    const int xt = st->x8_type, nb = cols / QK;
+    const size_t bs = (size_t)st->block_bytes, hd = x8_head(xt), xb = x8_block_bytes(xt);
+    const size_t qoff = (size_t)st->head_bytes; /* quants after d (and m) in the GGUF block */
+    const int nchunks = (st->block_bytes - st->head_bytes) / 4; /* 4-byte pieces of one row's quants */
+    const int scales = st->head_bytes / 2;                      /* fp16 d (and m) per GGUF block */
     for (int g = 0; g < rows / 8; g++) {
         uint8_t *out = dst + (size_t)g * nb * xb;
         for (int b = 0; b < nb; b++, out += xb) {
             for (int i = 0; i < 8; i++) {
                 const uint8_t *blk = src + (size_t)(8 * g + i) * stride + (size_t)b * bs;
-                memcpy(out + 2 * i, blk, 2);                           /* d */
-                if (type == T_Q4_1) memcpy(out + 16 + 2 * i, blk + 2, 2); /* m */
+                for (int k = 0; k < scales; k++) memcpy(out + 16 * k + 2 * i, blk + 2 * k, 2); /* d, then m */
                 for (int c = 0; c < nchunks; c++) memcpy(out + hd + 32 * c + 4 * i, blk + qoff + 4 * c, 4);
             }
-            if (type == T_Q8_0)
-                for (int k = 0; k < 256; k++) out[hd + k] ^= 0x80;
+            if (g_types[xt].x8_xor)
+                for (size_t k = hd; k < xb; k++) out[k] ^= g_types[xt].x8_xor;
         }
     }
 }
@@ -173,31 +158,13 @@ static ALWAYS_INLINE void x8_ymm(const int type, const uint8_t *grp, int nb, con
     for (int t = 0; t < NT; t++) _mm256_storeu_ps(y + (size_t)t * ldy, _mm256_add_ps(acc[t], corr[t]));
 }
 
-#define X8_YMM_NT(TYPE, NT, VNNI) x8_ymm(TYPE, grp, nb, xq, xs, xd, xstride, y, ldy, NT, VNNI)
-#define X8_YMM_TYPES(NT, VNNI)                                                                                      \
-    switch (type) {                                                                                                 \
-    case T_Q4_0_X8: X8_YMM_NT(T_Q4_0_X8, NT, VNNI); break;                                                          \
-    case T_Q4_1_X8: X8_YMM_NT(T_Q4_1_X8, NT, VNNI); break;                                                          \
-    default: X8_YMM_NT(T_Q8_0_X8, NT, VNNI); break;                                                                 \
-    }
-
-static void x8_ymm_tile(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs, const float *xd,
-                        int xstride, float *y, int ldy, int NT, int vnni) {
-#if defined(HAVE_VNNI_YMM)
-    if (vnni) {
-        switch (NT) {
-        case 8: X8_YMM_TYPES(8, 1); return;
-        case 4: X8_YMM_TYPES(4, 1); return;
-        case 2: X8_YMM_TYPES(2, 1); return;
-        default: X8_YMM_TYPES(1, 1); return;
-        }
-    }
-#endif
+static ALWAYS_INLINE void x8_ymm_tile(const int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs,
+                                      const float *xd, int xstride, float *y, int ldy, int NT, const int vnni) {
     switch (NT) {
-    case 8: X8_YMM_TYPES(8, 0); return;
-    case 4: X8_YMM_TYPES(4, 0); return;
-    case 2: X8_YMM_TYPES(2, 0); return;
-    default: X8_YMM_TYPES(1, 0); return;
+    case 8: x8_ymm(type, grp, nb, xq, xs, xd, xstride, y, ldy, 8, vnni); return;
+    case 4: x8_ymm(type, grp, nb, xq, xs, xd, xstride, y, ldy, 4, vnni); return;
+    case 2: x8_ymm(type, grp, nb, xq, xs, xd, xstride, y, ldy, 2, vnni); return;
+    default: x8_ymm(type, grp, nb, xq, xs, xd, xstride, y, ldy, 1, vnni); return;
     }
 }
 #endif
@@ -258,21 +225,13 @@ static ALWAYS_INLINE void x16_zmm(const int type, const uint8_t *g0, const uint8
     for (int t = 0; t < NT; t++) _mm512_storeu_ps(y + (size_t)t * ldy, _mm512_add_ps(acc[t], corr[t]));
 }
 
-#define X16_NT(TYPE, NT) x16_zmm(TYPE, g0, g1, nb, xq, xs, xd, xstride, y, ldy, NT)
-#define X16_TYPES(NT)                                                                                               \
-    switch (type) {                                                                                                 \
-    case T_Q4_0_X8: X16_NT(T_Q4_0_X8, NT); break;                                                                   \
-    case T_Q4_1_X8: X16_NT(T_Q4_1_X8, NT); break;                                                                   \
-    default: X16_NT(T_Q8_0_X8, NT); break;                                                                          \
-    }
-
-static void x16_zmm_tile(int type, const uint8_t *g0, const uint8_t *g1, int nb, const block_q8_0 *xq, const float *xs,
-                         const float *xd, int xstride, float *y, int ldy, int NT) {
+static ALWAYS_INLINE void x16_zmm_tile(const int type, const uint8_t *g0, const uint8_t *g1, int nb, const block_q8_0 *xq,
+                                       const float *xs, const float *xd, int xstride, float *y, int ldy, int NT) {
     switch (NT) {
-    case 8: X16_TYPES(8); return;
-    case 4: X16_TYPES(4); return;
-    case 2: X16_TYPES(2); return;
-    default: X16_TYPES(1); return;
+    case 8: x16_zmm(type, g0, g1, nb, xq, xs, xd, xstride, y, ldy, 8); return;
+    case 4: x16_zmm(type, g0, g1, nb, xq, xs, xd, xstride, y, ldy, 4); return;
+    case 2: x16_zmm(type, g0, g1, nb, xq, xs, xd, xstride, y, ldy, 2); return;
+    default: x16_zmm(type, g0, g1, nb, xq, xs, xd, xstride, y, ldy, 1); return;
     }
 }
 #endif
@@ -280,12 +239,34 @@ static void x16_zmm_tile(int type, const uint8_t *g0, const uint8_t *g1, int nb,
 /* token tiles of 8, then 4, 2, 1 */
 static inline int tile_nt(int left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
-void gemm_x8(int type, const uint8_t *w, size_t gstride, int ngroups, int nb, const block_q8_0 *xq, const float *xs,
-             const float *xd, int xstride, int T, float *y, int ldy) {
+/* the type table's gemm entries (gemm_fn, see common.h): one per x8 layout and SIMD level */
+#define GEMM_ARGS                                                                                                   \
+    const uint8_t *w, size_t gstride, int ngroups, int nb, const block_q8_0 *xq, const float *xs, const float *xd,  \
+        int xstride, int T, float *y, int ldy
+
+static ALWAYS_INLINE void gemm_x8_scalar_run(const int type, GEMM_ARGS) {
+    (void)xd;
+    for (int g = 0; g < ngroups; g++) gemm_x8_scalar(type, w + (size_t)g * gstride, nb, xq, xs, xstride, T, y + 8 * g, ldy);
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+static ALWAYS_INLINE void gemm_x8_ymm_run(const int type, const int vnni, GEMM_ARGS) {
+    for (int g = 0; g < ngroups; g++) {
+        for (int t = 0, nt; t < T; t += nt) {
+            nt = tile_nt(T - t);
+            const size_t o = (size_t)t * xstride;
+            x8_ymm_tile(type, w + (size_t)g * gstride, nb, xq + o, xs + o, xd + o, xstride, y + (size_t)t * ldy + 8 * g, ldy, nt,
+                        vnni);
+        }
+    }
+}
+#endif
+
 #if defined(HAVE_ZMM)
+static ALWAYS_INLINE void gemm_x8_zmm_run(const int type, GEMM_ARGS) {
     /* single tokens (decode) stay on the 8-row kernel: it streams one group at a time, while the pair's two streams
      * measured ~1.5x slower when the weights come from DRAM */
-    if (g_simd == SIMD_AVX512VNNI && T > 1) {
+    if (T > 1) {
         int g = 0;
         for (; g + 2 <= ngroups; g += 2) {
             const uint8_t *g0 = w + (size_t)g * gstride;
@@ -295,25 +276,27 @@ void gemm_x8(int type, const uint8_t *w, size_t gstride, int ngroups, int nb, co
                 x16_zmm_tile(type, g0, g0 + gstride, nb, xq + o, xs + o, xd + o, xstride, y + (size_t)t * ldy + 8 * g, ldy, nt);
             }
         }
-        if (g == ngroups) return;
         w += (size_t)g * gstride; /* an odd last group: the 8-row kernel */
         y += 8 * g;
         ngroups -= g;
     }
-#endif
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    if (g_simd >= SIMD_AVX2) {
-        const int vnni = g_simd == SIMD_AVX512VNNI;
-        for (int g = 0; g < ngroups; g++) {
-            for (int t = 0, nt; t < T; t += nt) {
-                nt = tile_nt(T - t);
-                const size_t o = (size_t)t * xstride;
-                x8_ymm_tile(type, w + (size_t)g * gstride, nb, xq + o, xs + o, xd + o, xstride, y + (size_t)t * ldy + 8 * g, ldy, nt,
-                            vnni);
-            }
-        }
-        return;
-    }
-#endif
-    for (int g = 0; g < ngroups; g++) gemm_x8_scalar(type, w + (size_t)g * gstride, nb, xq, xs, xstride, T, y + 8 * g, ldy);
+    gemm_x8_ymm_run(type, 1, w, gstride, ngroups, nb, xq, xs, xd, xstride, T, y, ldy);
 }
+#endif
+
+#define GEMM_ENTRY(NAME, LEVEL, CALL)                                                                               \
+    void gemm_##NAME##_##LEVEL(GEMM_ARGS) { CALL; }
+#define GEMM_PASS w, gstride, ngroups, nb, xq, xs, xd, xstride, T, y, ldy
+GEMM_ENTRY(q4_0x8, scalar, gemm_x8_scalar_run(T_Q4_0_X8, GEMM_PASS))
+GEMM_ENTRY(q4_1x8, scalar, gemm_x8_scalar_run(T_Q4_1_X8, GEMM_PASS))
+GEMM_ENTRY(q8_0x8, scalar, gemm_x8_scalar_run(T_Q8_0_X8, GEMM_PASS))
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+GEMM_ENTRY(q4_0x8, avx2, gemm_x8_ymm_run(T_Q4_0_X8, 0, GEMM_PASS))
+GEMM_ENTRY(q4_1x8, avx2, gemm_x8_ymm_run(T_Q4_1_X8, 0, GEMM_PASS))
+GEMM_ENTRY(q8_0x8, avx2, gemm_x8_ymm_run(T_Q8_0_X8, 0, GEMM_PASS))
+#endif
+#if defined(HAVE_ZMM)
+GEMM_ENTRY(q4_0x8, vnni, gemm_x8_zmm_run(T_Q4_0_X8, GEMM_PASS))
+GEMM_ENTRY(q4_1x8, vnni, gemm_x8_zmm_run(T_Q4_1_X8, GEMM_PASS))
+GEMM_ENTRY(q8_0x8, vnni, gemm_x8_zmm_run(T_Q8_0_X8, GEMM_PASS))
+#endif
