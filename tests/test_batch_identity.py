@@ -107,7 +107,7 @@ def _assert_same(path, ids, nthreads, kv_type="f32"):
 
 
 @pytest.mark.parametrize("nthreads", [1, 2])
-@pytest.mark.parametrize("kv_type", ["f32", "f16"])
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
 def test_default_model_batch_equals_single(default_model, nthreads, kv_type):
     # 21 tokens: a 16-token tile, a 4 and a 1 in the batch
     ids = [
