@@ -42,6 +42,8 @@ def test_quantize_q80_bit_exact_with_reference(simd):
     x = rng(1).standard_normal(32 * 64).astype(np.float32) * 3
     x[:32] = 0  # an all-zero block
     x[32:64] = 1e-3
+    x[64:96] = np.arange(32) - 15.5  # exact halves once scaled (d = 1): round half to even
+    x[64] = 127.0
     dst = np.empty(64 * 34, dtype=np.uint8)
     K.quantize_q80(x, dst)
     assert np.array_equal(dst, ref.quantize_q80(x))
@@ -82,10 +84,11 @@ def repack(request):
 @pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q4_0, QT.Q4_1, QT.Q8_0])
 @pytest.mark.parametrize("T", [1, 5, 9])
 @pytest.mark.parametrize("nthreads", [1, 2])
-@pytest.mark.parametrize("rows", [64, 67])
+@pytest.mark.parametrize("rows", [64, 67, 72])
 def test_matmul_matches_reference(simd, repack, qtype, T, nthreads, rows):
-    # 64 rows: Q4_0/Q4_1 take the 8-row repacked GEMV/GEMM path; 67 rows: the GGUF layout (chunk tails);
-    # T=9: two 4-token GEMM tiles + a tail; 10 blocks exercises the 2-block unroll
+    # 64 rows: Q4_0/Q4_1/Q8_0 take the repacked GEMV/GEMM path (16-row AVX-512 tiles); 72 rows: 4 tiles + an odd
+    # 8-row group; 67 rows: the GGUF layout (chunk tails); T=9: an 8-token GEMM tile + a tail; 10 blocks exercises
+    # the 2-block unroll
     cols = 320
     w = rng(4).standard_normal((rows, cols)).astype(np.float32)
     x = rng(5).standard_normal((T, cols)).astype(np.float32)
@@ -93,6 +96,41 @@ def test_matmul_matches_reference(simd, repack, qtype, T, nthreads, rows):
     y = np.zeros((T, rows), dtype=np.float32)
     K.matmul(raw, int(qtype), rows, cols, len(raw) // rows, x, y, T, nthreads)
     np.testing.assert_allclose(y, ref.matmul(raw, qtype, rows, cols, x), rtol=2e-4, atol=2e-4)
+
+
+QUANT_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0]
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES)
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 7, 8, 15, 16, 17, 33, 64, 70])
+@pytest.mark.parametrize("rows,cols", [(16, 96), (24, 320), (200, 64)])
+def test_gemm_tiles_match_reference(simd, repack, qtype, T, rows, cols):
+    # every token-tile size (8, 4, 2, 1 and their sums up to 70), 16-row tiles with and without an odd 8-row
+    # group, 1..10 blocks per row; 2 threads so chunk boundaries fall inside the matrix
+    w = rng(20).standard_normal((rows, cols)).astype(np.float32)
+    w[3] *= 50  # one row with large scales: the Q8_0 +128 offset correction must cancel exactly enough
+    x = rng(21).standard_normal((T, cols)).astype(np.float32)
+    raw = quant_weights(w, qtype)
+    y = np.zeros((T, rows), dtype=np.float32)
+    K.matmul(raw, int(qtype), rows, cols, len(raw) // rows, x, y, T, 2)
+    expect = ref.matmul(raw, qtype, rows, cols, x)
+    np.testing.assert_allclose(y, expect, rtol=2e-4, atol=2e-4 * float(np.abs(expect).max()))
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, *QUANT_TYPES])
+@pytest.mark.parametrize("T", [1, 9, 70])
+@pytest.mark.parametrize("rows", [24, 67, 200])
+def test_matmul_swiglu_matches_reference(simd, repack, qtype, T, rows):
+    cols = 128
+    wg = rng(22).standard_normal((rows, cols)).astype(np.float32)
+    wu = rng(23).standard_normal((rows, cols)).astype(np.float32)
+    x = rng(24).standard_normal((T, cols)).astype(np.float32)
+    rg, ru = quant_weights(wg, qtype), quant_weights(wu, qtype)
+    y = np.zeros((T, rows), dtype=np.float32)
+    K.matmul(rg, int(qtype), rows, cols, len(rg) // rows, x, y, T, 2, ru)
+    g, u = ref.matmul(rg, qtype, rows, cols, x), ref.matmul(ru, qtype, rows, cols, x)
+    expect = ref.silu_mul(g.reshape(-1), u.reshape(-1)).reshape(T, rows)
+    np.testing.assert_allclose(y, expect, rtol=2e-4, atol=2e-4 * float(np.abs(expect).max()))
 
 
 def test_matmul_column_slice_uses_parent_stride():
@@ -136,8 +174,9 @@ def test_attention_gqa_causal(simd, T, pos):
     np.testing.assert_allclose(out, ref.attention(q, kc, vc, T, pos, nh, nkv, hd), rtol=1e-4, atol=1e-5)
 
 
-def test_silu_mul():
+def test_silu_mul(simd):
     g = rng(14).standard_normal(100).astype(np.float32) * 4
+    g[:6] = [-200.0, -88.0, -30.0, 30.0, 88.0, 200.0]  # exp's clamped range, both signs
     u = rng(15).standard_normal(100).astype(np.float32)
     expect = ref.silu_mul(g, u)
     K.silu_mul(g, u)

@@ -23,8 +23,8 @@
 
 /* GGML type ids, kept identical so Python can pass gguf's GGMLQuantizationType values straight through */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q8_0 = 8 };
-/* internal layouts (never in files): Q4_0 / Q4_1 repacked in groups of 8 rows, see repack.c */
-enum { T_Q4_0_X8 = 100, T_Q4_1_X8 = 101 };
+/* internal layouts (never in files): Q4_0 / Q4_1 / Q8_0 repacked in groups of 8 rows, see repack.c */
+enum { T_Q4_0_X8 = 100, T_Q4_1_X8 = 101, T_Q8_0_X8 = 102 };
 
 #define QK 32
 
@@ -83,46 +83,122 @@ static inline float f16_to_f32(uint16_t h) { return f16_to_f32_soft(h); }
 static inline uint16_t f32_to_f16(float f) { return f32_to_f16_soft(f); }
 #endif
 
-/* ---- sizes ---- */
-static inline size_t row_bytes(int type, int n) {
-    switch (type) {
-    case T_F32: return (size_t)n * 4;
-    case T_F16: return (size_t)n * 2;
-    case T_Q4_0: return (size_t)(n / QK) * sizeof(block_q4_0);
-    case T_Q4_1: return (size_t)(n / QK) * sizeof(block_q4_1);
-    case T_Q8_0: return (size_t)(n / QK) * sizeof(block_q8_0);
-    default: return 0;
-    }
-}
-static inline int type_is_x8(int type) { return type == T_Q4_0_X8 || type == T_Q4_1_X8; }
-static inline int type_is_quant(int type) {
-    return type == T_Q4_0 || type == T_Q4_1 || type == T_Q8_0 || type_is_x8(type);
-}
-
-/* ---- 8-row repacking (repack.c) ---- */
-size_t x8_block_bytes(int type);
-int x8_source_type(int type);
-/* src rows (GGUF Q4_0/Q4_1, `stride` bytes apart; rows % 8 == 0) -> dst, rows/8 groups of cols/32 x8-blocks */
-void repack_x8(int type, const uint8_t *src, size_t stride, int rows, int cols, uint8_t *dst);
-/* y[t*ldy + i] = row i of the group . x[t], i < 8, t < T */
-void gemm_x8(int type, const uint8_t *grp, int nb, const block_q8_0 *xq, const float *xs, const float *xd, int xstride, int T,
-             float *y, int ldy);
-
 /* ---- SIMD level: chosen at build time, can be lowered at run time (tests exercise the scalar path) ---- */
-enum { SIMD_SCALAR = 0, SIMD_NEON = 1, SIMD_AVX2 = 2, SIMD_AVX512VNNI = 3 };
+enum { SIMD_SCALAR = 0, SIMD_NEON = 1, SIMD_AVX2 = 2, SIMD_AVX512VNNI = 3, SIMD_LEVELS = 4 };
 extern int g_simd;           /* active level */
 int simd_best(void);         /* best level compiled in */
 const char *simd_name(int level);
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DL_AVX2 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DL_VNNI 1
+#endif
+#endif
+#if defined(__ARM_NEON) && defined(__aarch64__)
+#define DL_NEON 1
+#endif
+
+/* ---- weight types: one traits table (types.c), read everywhere instead of switches over the type ----
+ * Kernels per SIMD level (index SIMD_*): a level this build lacks holds the scalar kernel. */
+typedef void (*dequant_fn)(const void *src, float *dst, int n);
+/* one weight row (n elements) . one activation row: Q8_0 blocks xq + block sums xs (quant types) or floats xf */
+typedef float (*dot_fn)(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n);
+/* the same for 4 activation rows `xstride` blocks apart, bit-identical to 4 dot_fn calls */
+typedef void (*dot4_fn)(const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out);
+/* x8 layouts: y[t*ldy + 8g + i] = row i of group g . x[t], for ngroups groups `gstride` bytes apart, t < T */
+typedef void (*gemm_fn)(const uint8_t *w, size_t gstride, int ngroups, int nb, const block_q8_0 *xq, const float *xs,
+                        const float *xd, int xstride, int T, float *y, int ldy);
+
+typedef struct {
+    const char *name;  /* NULL: not a type */
+    int block_elems;   /* elements per block (1 for the float types) */
+    int block_bytes;   /* bytes per block; x8 layouts: one block column of an 8-row group */
+    int head_bytes;    /* bytes in front of the quants: d (and m) of a GGUF block, the 8 d (and 8 m) of an x8 block */
+    int quant;         /* matmuls take Q8_0-quantized activations */
+    int x8_type;       /* GGUF quant types: the 8-row layout they are repacked into, else -1 */
+    int src_type;      /* x8 layouts: the GGUF type they come from, else -1 */
+    uint8_t x8_xor;    /* repacking flips these bits of every quant byte (Q8_0: q + 128, see repack.c) */
+    int kv;            /* usable as the KV cache row type */
+    dequant_fn dequant;
+    dot_fn dot[SIMD_LEVELS];
+    dot4_fn dot4[SIMD_LEVELS]; /* NULL: four dot calls */
+    gemm_fn gemm[SIMD_LEVELS];
+} type_traits;
+
+#define T_MAX 102
+extern const type_traits g_types[T_MAX + 1];
+static inline const type_traits *type_traits_of(int type) {
+    return type >= 0 && type <= T_MAX && g_types[type].name ? &g_types[type] : NULL;
+}
+
+/* bytes of a row of n elements of a GGUF type (0: not a GGUF type) */
+static inline size_t row_bytes(int type, int n) {
+    const type_traits *t = type_traits_of(type);
+    return t && t->src_type < 0 ? (size_t)(n / t->block_elems) * (size_t)t->block_bytes : 0;
+}
+static inline int type_is_x8(int type) {
+    const type_traits *t = type_traits_of(type);
+    return t && t->src_type >= 0;
+}
+static inline int type_is_quant(int type) {
+    const type_traits *t = type_traits_of(type);
+    return t && t->quant;
+}
+
+/* ---- 8-row repacking (repack.c) ---- */
+/* src rows (GGUF Q4_0/Q4_1/Q8_0, `stride` bytes apart; rows % 8 == 0) -> dst, rows/8 groups of cols/32 x8-blocks */
+void repack_x8(int type, const uint8_t *src, size_t stride, int rows, int cols, uint8_t *dst);
+static inline void gemm_x8(int type, const uint8_t *w, size_t gstride, int ngroups, int nb, const block_q8_0 *xq,
+                           const float *xs, const float *xd, int xstride, int T, float *y, int ldy) {
+    g_types[type].gemm[g_simd](w, gstride, ngroups, nb, xq, xs, xd, xstride, T, y, ldy);
+}
+
+/* the kernels the table points to: dequant_<type>, dot_<type>_<level>, dot4_<type>_<level>, gemm_<x8 type>_<level> */
+#define DL_DOTS(T)                                                                                                  \
+    void dequant_##T(const void *src, float *dst, int n);                                                           \
+    float dot_##T##_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n);           \
+    float dot_##T##_neon(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n);             \
+    float dot_##T##_avx2(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n);             \
+    float dot_##T##_vnni(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n);             \
+    void dot4_##T##_avx2(const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out);     \
+    void dot4_##T##_vnni(const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out);
+DL_DOTS(f32)
+DL_DOTS(f16)
+DL_DOTS(q4_0)
+DL_DOTS(q4_1)
+DL_DOTS(q8_0)
+#define DL_GEMMS(T)                                                                                                 \
+    void gemm_##T##_scalar(const uint8_t *w, size_t gstride, int ngroups, int nb, const block_q8_0 *xq,            \
+                           const float *xs, const float *xd, int xstride, int T_, float *y, int ldy);               \
+    void gemm_##T##_avx2(const uint8_t *w, size_t gstride, int ngroups, int nb, const block_q8_0 *xq,              \
+                         const float *xs, const float *xd, int xstride, int T_, float *y, int ldy);                 \
+    void gemm_##T##_vnni(const uint8_t *w, size_t gstride, int ngroups, int nb, const block_q8_0 *xq,              \
+                         const float *xs, const float *xd, int xstride, int T_, float *y, int ldy);
+DL_GEMMS(q4_0x8)
+DL_GEMMS(q4_1x8)
+DL_GEMMS(q8_0x8)
+
+
 /* ---- kernels (kernels.c) ---- */
 void quantize_row_q80(const float *x, block_q8_0 *y, float *s, int n); /* s: per-block d*sum(q), may be NULL */
-void dequantize_row(int type, const void *src, float *dst, int n);
+static inline void dequantize_row(int type, const void *src, float *dst, int n) { g_types[type].dequant(src, dst, n); }
 void accumulate_q80(float *dst, const block_q8_0 *src, int n); /* dst += dequant(src) */
 
 /* one weight row (n elements) dot one activation row */
-float vec_dot(int type, const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n);
-/* 4 activation rows (xstride blocks apart) at once, quantized weight types only */
-void vec_dot4(int type, const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out);
+static inline float vec_dot(int type, const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    return g_types[type].dot[g_simd](w, xq, xs, xf, n);
+}
+/* 4 activation rows (xstride blocks apart) at once, quantized weight types only; bit-identical to 4 vec_dot */
+static inline void vec_dot4(int type, const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n,
+                            float *out) {
+    const type_traits *t = &g_types[type];
+    if (t->dot4[g_simd]) {
+        t->dot4[g_simd](w, xq, xs, xstride, n, out);
+        return;
+    }
+    for (int i = 0; i < 4; i++) out[i] = t->dot[g_simd](w, xq + (size_t)i * xstride, xs + (size_t)i * xstride, NULL, n);
+}
 float dot_f32(const float *a, const float *b, int n);
 void axpy_f32(float *y, float a, const float *x, int n); /* y += a * x */
 

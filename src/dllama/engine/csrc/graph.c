@@ -59,13 +59,14 @@ struct engine {
     pool *pool;
 };
 
-/* ---- 8-row repacking of Q4_0 / Q4_1 at load (see repack.c) ---- */
+/* ---- 8-row repacking of Q4_0 / Q4_1 / Q8_0 at load (see repack.c) ---- */
 int g_repack = -1;
 
 uint8_t *tensor_repack(tensor *t) {
-    if (!g_repack || (t->type != T_Q4_0 && t->type != T_Q4_1) || t->rows % 8 || t->rows == 0) return NULL;
-    const int xt = t->type == T_Q4_0 ? T_Q4_0_X8 : T_Q4_1_X8;
-    const size_t group = (size_t)(t->cols / QK) * x8_block_bytes(xt);
+    const type_traits *tt = type_traits_of(t->type);
+    const int xt = tt ? tt->x8_type : -1;
+    if (!g_repack || xt < 0 || t->rows % 8 || t->rows == 0) return NULL;
+    const size_t group = (size_t)(t->cols / QK) * (size_t)g_types[xt].block_bytes;
     uint8_t *dst = (uint8_t *)malloc(group * (size_t)(t->rows / 8));
     if (!dst) return NULL;
     repack_x8(t->type, t->data, t->stride, t->rows, t->cols, dst);

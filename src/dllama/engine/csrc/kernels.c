@@ -33,8 +33,48 @@ const char *simd_name(int level) {
 
 /* ================================ quantize / dequantize ================================ */
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* the scalar code below in 8-lane steps, bit-identical: same multiply by 1/d, cvtps rounds half to even like
+ * nearbyintf in the default rounding mode */
+static void quantize_row_q80_avx(const float *x, block_q8_0 *y, float *s, int nb) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + b * QK;
+        __m256 v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(xb + 8 * i);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
+                                 _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        const uint16_t dh = f32_to_f16(d);
+        y[b].d = dh;
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+        if (s) {
+            const __m256i t = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+            t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+            s[b] = f16_to_f32(dh) * (float)_mm_cvtsi128_si32(t4);
+        }
+        /* packs work per 128-bit lane: restore element order with one dword permute */
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)y[b].qs, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
+}
+#endif
+
 void quantize_row_q80(const float *x, block_q8_0 *y, float *s, int n) {
     const int nb = n / QK;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    if (g_simd >= SIMD_AVX2) {
+        quantize_row_q80_avx(x, y, s, nb);
+        return;
+    }
+#endif
     for (int b = 0; b < nb; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
@@ -56,45 +96,40 @@ void quantize_row_q80(const float *x, block_q8_0 *y, float *s, int n) {
     }
 }
 
-void dequantize_row(int type, const void *src, float *dst, int n) {
-    const int nb = n / QK;
-    switch (type) {
-    case T_F32: memcpy(dst, src, (size_t)n * 4); break;
-    case T_F16: {
-        const uint16_t *h = (const uint16_t *)src;
-        for (int i = 0; i < n; i++) dst[i] = f16_to_f32(h[i]);
-        break;
-    }
-    case T_Q4_0: {
-        const block_q4_0 *b = (const block_q4_0 *)src;
-        for (int i = 0; i < nb; i++) {
-            const float d = f16_to_f32(b[i].d);
-            for (int j = 0; j < QK / 2; j++) {
-                dst[i * QK + j] = ((b[i].qs[j] & 0x0F) - 8) * d;
-                dst[i * QK + j + QK / 2] = ((b[i].qs[j] >> 4) - 8) * d;
-            }
+void dequant_f32(const void *src, float *dst, int n) { memcpy(dst, src, (size_t)n * 4); }
+
+void dequant_f16(const void *src, float *dst, int n) {
+    const uint16_t *h = (const uint16_t *)src;
+    for (int i = 0; i < n; i++) dst[i] = f16_to_f32(h[i]);
+}
+
+void dequant_q4_0(const void *src, float *dst, int n) {
+    const block_q4_0 *b = (const block_q4_0 *)src;
+    for (int i = 0; i < n / QK; i++) {
+        const float d = f16_to_f32(b[i].d);
+        for (int j = 0; j < QK / 2; j++) {
+            dst[i * QK + j] = ((b[i].qs[j] & 0x0F) - 8) * d;
+            dst[i * QK + j + QK / 2] = ((b[i].qs[j] >> 4) - 8) * d;
         }
-        break;
     }
-    case T_Q4_1: {
-        const block_q4_1 *b = (const block_q4_1 *)src;
-        for (int i = 0; i < nb; i++) {
-            const float d = f16_to_f32(b[i].d), m = f16_to_f32(b[i].m);
-            for (int j = 0; j < QK / 2; j++) {
-                dst[i * QK + j] = (b[i].qs[j] & 0x0F) * d + m;
-                dst[i * QK + j + QK / 2] = (b[i].qs[j] >> 4) * d + m;
-            }
+}
+
+void dequant_q4_1(const void *src, float *dst, int n) {
+    const block_q4_1 *b = (const block_q4_1 *)src;
+    for (int i = 0; i < n / QK; i++) {
+        const float d = f16_to_f32(b[i].d), m = f16_to_f32(b[i].m);
+        for (int j = 0; j < QK / 2; j++) {
+            dst[i * QK + j] = (b[i].qs[j] & 0x0F) * d + m;
+            dst[i * QK + j + QK / 2] = (b[i].qs[j] >> 4) * d + m;
         }
-        break;
     }
-    case T_Q8_0: {
-        const block_q8_0 *b = (const block_q8_0 *)src;
-        for (int i = 0; i < nb; i++) {
-            const float d = f16_to_f32(b[i].d);
-            for (int j = 0; j < QK; j++) dst[i * QK + j] = b[i].qs[j] * d;
-        }
-        break;
-    }
+}
+
+void dequant_q8_0(const void *src, float *dst, int n) {
+    const block_q8_0 *b = (const block_q8_0 *)src;
+    for (int i = 0; i < n / QK; i++) {
+        const float d = f16_to_f32(b[i].d);
+        for (int j = 0; j < QK; j++) dst[i * QK + j] = b[i].qs[j] * d;
     }
 }
 
@@ -146,13 +181,13 @@ static float dot_q80_scalar(const block_q8_0 *w, const block_q8_0 *x, int nb) {
     return acc;
 }
 
-static float dot_f16_scalar(const uint16_t *w, const float *x, int n) {
+static float dot_f16_scalar_(const uint16_t *w, const float *x, int n) {
     float acc = 0.0f;
     for (int i = 0; i < n; i++) acc += f16_to_f32(w[i]) * x[i];
     return acc;
 }
 
-static float dot_f32_scalar(const float *a, const float *b, int n) {
+static float dot_f32_scalar_(const float *a, const float *b, int n) {
     float acc = 0.0f;
     for (int i = 0; i < n; i++) acc += a[i] * b[i];
     return acc;
@@ -183,62 +218,43 @@ static inline __m256i dot_us8(__m256i u, __m256i s, int vnni) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-static inline float dot_q40_avx(const block_q4_0 *w, const block_q8_0 *x, const float *xs, int nb, int vnni) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float corr = 0.0f;
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const float dw0 = _cvtsh_ss(w[b].d), dw1 = _cvtsh_ss(w[b + 1].d);
-        const __m256i p0 = dot_us8(unpack_nibbles(w[b].qs), _mm256_loadu_si256((const __m256i *)x[b].qs), vnni);
-        const __m256i p1 =
-            dot_us8(unpack_nibbles(w[b + 1].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs), vnni);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(dw0 * _cvtsh_ss(x[b].d)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(dw1 * _cvtsh_ss(x[b + 1].d)), acc1);
-        corr += dw0 * xs[b] + dw1 * xs[b + 1];
+/* Q4_0 / Q4_1 / Q8_0 rows (GGUF layout) . NT activation rows (`xstride` blocks apart), out[t]. One sequence per
+ * (row, token) whatever NT, so a prompt batch (NT = 4) and a single token (NT = 1) give bit-identical results:
+ * even blocks into acc0, odd ones into acc1 (fma(float(isum), dw * dx, acc)), c * xs into a scalar chain in block
+ * order (c = -8 dw for Q4_0, m for Q4_1), then hsum(acc0 + acc1) + corr. */
+static inline __attribute__((always_inline)) void dotn_q_avx(const int type, const uint8_t *w, const block_q8_0 *x,
+                                                             const float *xs, int xstride, int nb, float *out,
+                                                             const int NT, int vnni) {
+    const size_t bsize = type == T_Q4_1 ? sizeof(block_q4_1) : type == T_Q4_0 ? sizeof(block_q4_0) : sizeof(block_q8_0);
+    __m256 acc[4][2];
+    float corr[4];
+    for (int t = 0; t < NT; t++) {
+        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        corr[t] = 0.0f;
     }
-    for (; b < nb; b++) {
-        const float dw = _cvtsh_ss(w[b].d);
-        const __m256i p = dot_us8(unpack_nibbles(w[b].qs), _mm256_loadu_si256((const __m256i *)x[b].qs), vnni);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(x[b].d)), acc0);
-        corr += dw * xs[b];
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * bsize;
+        uint16_t dh, mh = 0;
+        memcpy(&dh, blk, 2);
+        if (type == T_Q4_1) memcpy(&mh, blk + 2, 2);
+        const float dw = _cvtsh_ss(dh), c = type == T_Q4_1 ? _cvtsh_ss(mh) : -8.0f * dw;
+        __m256i wq, wv = _mm256_setzero_si256();
+        if (type == T_Q8_0) {
+            wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            wq = _mm256_sign_epi8(wv, wv); /* signed x signed via |w| (unsigned) x sign(x, w) */
+        } else {
+            wq = unpack_nibbles(blk + (type == T_Q4_1 ? 4 : 2));
+        }
+        for (int t = 0; t < NT; t++) {
+            const block_q8_0 *xb = x + (size_t)t * xstride + b;
+            __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);
+            if (type == T_Q8_0) xv = _mm256_sign_epi8(xv, wv);
+            const __m256i p = dot_us8(wq, xv, vnni);
+            acc[t][b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(xb->d)), acc[t][b & 1]);
+            if (type != T_Q8_0) corr[t] = fmaf(c, xs[(size_t)t * xstride + b], corr[t]);
+        }
     }
-    return hsum256(_mm256_add_ps(acc0, acc1)) - 8.0f * corr;
-}
-
-static inline float dot_q41_avx(const block_q4_1 *w, const block_q8_0 *x, const float *xs, int nb, int vnni) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float corr = 0.0f;
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const __m256i p0 = dot_us8(unpack_nibbles(w[b].qs), _mm256_loadu_si256((const __m256i *)x[b].qs), vnni);
-        const __m256i p1 =
-            dot_us8(unpack_nibbles(w[b + 1].qs), _mm256_loadu_si256((const __m256i *)x[b + 1].qs), vnni);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(_cvtsh_ss(w[b].d) * _cvtsh_ss(x[b].d)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1),
-                               _mm256_set1_ps(_cvtsh_ss(w[b + 1].d) * _cvtsh_ss(x[b + 1].d)), acc1);
-        corr += _cvtsh_ss(w[b].m) * xs[b] + _cvtsh_ss(w[b + 1].m) * xs[b + 1];
-    }
-    for (; b < nb; b++) {
-        const __m256i p = dot_us8(unpack_nibbles(w[b].qs), _mm256_loadu_si256((const __m256i *)x[b].qs), vnni);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(w[b].d) * _cvtsh_ss(x[b].d)), acc0);
-        corr += _cvtsh_ss(w[b].m) * xs[b];
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + corr;
-}
-
-static inline float dot_q80_avx(const block_q8_0 *w, const block_q8_0 *x, int nb, int vnni) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b < nb; b++) {
-        const __m256i wv = _mm256_loadu_si256((const __m256i *)w[b].qs);
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)x[b].qs);
-        /* signed x signed via |w| (unsigned) x sign(x, w) */
-        const __m256i p = dot_us8(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv), vnni);
-        const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(w[b].d) * _cvtsh_ss(x[b].d)));
-        if (b & 1) acc1 = _mm256_add_ps(acc1, r);
-        else acc0 = _mm256_add_ps(acc0, r);
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1));
+    for (int t = 0; t < NT; t++) out[t] = hsum256(_mm256_add_ps(acc[t][0], acc[t][1])) + corr[t];
 }
 
 static float dot_f16_avx(const uint16_t *w, const float *x, int n) {
@@ -264,46 +280,6 @@ static float dot_f32_avx(const float *a, const float *b, int n) {
     float r = hsum256(_mm256_add_ps(acc0, acc1));
     for (; i < n; i++) r += a[i] * b[i];
     return r;
-}
-/* 4 activation rows at once for prompt batches: each weight block is loaded and unpacked once, then
- * dotted with 4 rows (out[i] = W . x[i]); activation rows are `xstride` blocks apart. */
-static void dot4_q4x_avx(int type, const uint8_t *w, const block_q8_0 *x, const float *xs, int xstride, int nb,
-                         float *out, int vnni) {
-    const int q41 = type == T_Q4_1;
-    const size_t bsize = q41 ? sizeof(block_q4_1) : sizeof(block_q4_0);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float corr[4] = {0, 0, 0, 0};
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = w + (size_t)b * bsize;
-        uint16_t dh, mh = 0;
-        memcpy(&dh, blk, 2);
-        if (q41) memcpy(&mh, blk + 2, 2);
-        const float dw = _cvtsh_ss(dh), c = q41 ? _cvtsh_ss(mh) : -8.0f * dw;
-        const __m256i wq = unpack_nibbles(blk + (q41 ? 4 : 2));
-        for (int i = 0; i < 4; i++) {
-            const block_q8_0 *xb = x + (size_t)i * xstride + b;
-            const __m256i p = dot_us8(wq, _mm256_loadu_si256((const __m256i *)xb->qs), vnni);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(xb->d)), acc[i]);
-            corr[i] += c * xs[(size_t)i * xstride + b];
-        }
-    }
-    for (int i = 0; i < 4; i++) out[i] = hsum256(acc[i]) + corr[i];
-}
-
-static void dot4_q80_avx(const block_q8_0 *w, const block_q8_0 *x, int xstride, int nb, float *out, int vnni) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < nb; b++) {
-        const __m256i wv = _mm256_loadu_si256((const __m256i *)w[b].qs);
-        const __m256i wa = _mm256_sign_epi8(wv, wv);
-        const float dw = _cvtsh_ss(w[b].d);
-        for (int i = 0; i < 4; i++) {
-            const block_q8_0 *xb = x + (size_t)i * xstride + b;
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)xb->qs);
-            const __m256i p = dot_us8(wa, _mm256_sign_epi8(xv, wv), vnni);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * _cvtsh_ss(xb->d)), acc[i]);
-        }
-    }
-    for (int i = 0; i < 4; i++) out[i] = hsum256(acc[i]);
 }
 #endif
 
@@ -349,7 +325,7 @@ static float dot_q80_neon(const block_q8_0 *w, const block_q8_0 *x, int nb) {
     return acc;
 }
 
-static float dot_f32_neon(const float *a, const float *b, int n) {
+static float dot_f32_neon_(const float *a, const float *b, int n) {
     float32x4_t acc0 = vdupq_n_f32(0), acc1 = vdupq_n_f32(0);
     int i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -367,48 +343,85 @@ float dot_f32(const float *a, const float *b, int n) {
     if (g_simd >= SIMD_AVX2) return dot_f32_avx(a, b, n);
 #endif
 #if defined(__ARM_NEON) && defined(__aarch64__)
-    if (g_simd == SIMD_NEON) return dot_f32_neon(a, b, n);
+    if (g_simd == SIMD_NEON) return dot_f32_neon_(a, b, n);
 #endif
-    return dot_f32_scalar(a, b, n);
+    return dot_f32_scalar_(a, b, n);
 }
 
 void axpy_f32(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i]; /* auto-vectorised at -O3 */
 }
 
-float vec_dot(int type, const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
-    const int nb = n / QK;
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    if (g_simd >= SIMD_AVX2) {
-        const int vnni = g_simd == SIMD_AVX512VNNI;
-        switch (type) {
-        case T_Q4_0: return dot_q40_avx((const block_q4_0 *)w, xq, xs, nb, vnni);
-        case T_Q4_1: return dot_q41_avx((const block_q4_1 *)w, xq, xs, nb, vnni);
-        case T_Q8_0: return dot_q80_avx((const block_q8_0 *)w, xq, nb, vnni);
-        case T_F16: return dot_f16_avx((const uint16_t *)w, xf, n);
-        default: return dot_f32_avx((const float *)w, xf, n);
-        }
-    }
-#endif
-#if defined(__ARM_NEON) && defined(__aarch64__)
-    if (g_simd == SIMD_NEON) {
-        switch (type) {
-        case T_Q4_0: return dot_q4x_neon((const uint8_t *)w, sizeof(block_q4_0), xq, xs, nb, 0);
-        case T_Q4_1: return dot_q4x_neon((const uint8_t *)w, sizeof(block_q4_1), xq, xs, nb, 1);
-        case T_Q8_0: return dot_q80_neon((const block_q8_0 *)w, xq, nb);
-        case T_F16: return dot_f16_scalar((const uint16_t *)w, xf, n);
-        default: return dot_f32_neon((const float *)w, xf, n);
-        }
-    }
-#endif
-    switch (type) {
-    case T_Q4_0: return dot_q40_scalar((const block_q4_0 *)w, xq, xs, nb);
-    case T_Q4_1: return dot_q41_scalar((const block_q4_1 *)w, xq, xs, nb);
-    case T_Q8_0: return dot_q80_scalar((const block_q8_0 *)w, xq, nb);
-    case T_F16: return dot_f16_scalar((const uint16_t *)w, xf, n);
-    default: return dot_f32_scalar((const float *)w, xf, n);
-    }
+/* ---- the entry points of the type table (types.c): one signature per kind ---- */
+float dot_f32_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f32_scalar_((const float *)w, xf, n);
 }
+float dot_f16_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f16_scalar_((const uint16_t *)w, xf, n);
+}
+float dot_q4_0_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xf;
+    return dot_q40_scalar((const block_q4_0 *)w, xq, xs, n / QK);
+}
+float dot_q4_1_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xf;
+    return dot_q41_scalar((const block_q4_1 *)w, xq, xs, n / QK);
+}
+float dot_q8_0_scalar(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xs, (void)xf;
+    return dot_q80_scalar((const block_q8_0 *)w, xq, n / QK);
+}
+
+#if defined(DL_AVX2)
+float dot_f32_avx2(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f32_avx((const float *)w, xf, n);
+}
+float dot_f16_avx2(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f16_avx((const uint16_t *)w, xf, n);
+}
+/* Q4_0 / Q4_1 / Q8_0: one inline kernel for 1 and 4 tokens (bit-identical), per type and dot product flavour */
+#define DOTS_Q_AVX(NAME, TYPE, LEVEL, VNNI)                                                                          \
+    float dot_##NAME##_##LEVEL(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {       \
+        float r;                                                                                                    \
+        (void)xf;                                                                                                   \
+        dotn_q_avx(TYPE, (const uint8_t *)w, xq, xs, 0, n / QK, &r, 1, VNNI);                                       \
+        return r;                                                                                                   \
+    }                                                                                                               \
+    void dot4_##NAME##_##LEVEL(const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out) { \
+        dotn_q_avx(TYPE, (const uint8_t *)w, xq, xs, xstride, n / QK, out, 4, VNNI);                                \
+    }
+DOTS_Q_AVX(q4_0, T_Q4_0, avx2, 0)
+DOTS_Q_AVX(q4_1, T_Q4_1, avx2, 0)
+DOTS_Q_AVX(q8_0, T_Q8_0, avx2, 0)
+#if defined(HAVE_VNNI)
+DOTS_Q_AVX(q4_0, T_Q4_0, vnni, 1)
+DOTS_Q_AVX(q4_1, T_Q4_1, vnni, 1)
+DOTS_Q_AVX(q8_0, T_Q8_0, vnni, 1)
+#endif
+#endif
+
+#if defined(DL_NEON)
+float dot_f32_neon(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xq, (void)xs;
+    return dot_f32_neon_((const float *)w, xf, n);
+}
+float dot_q4_0_neon(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xf;
+    return dot_q4x_neon((const uint8_t *)w, sizeof(block_q4_0), xq, xs, n / QK, 0);
+}
+float dot_q4_1_neon(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xf;
+    return dot_q4x_neon((const uint8_t *)w, sizeof(block_q4_1), xq, xs, n / QK, 1);
+}
+float dot_q8_0_neon(const void *w, const block_q8_0 *xq, const float *xs, const float *xf, int n) {
+    (void)xs, (void)xf;
+    return dot_q80_neon((const block_q8_0 *)w, xq, n / QK);
+}
+#endif
 
 /* ================================ elementwise ================================ */
 
@@ -431,20 +444,37 @@ void rope_rows(float *x, int n_heads, int head_dim, const float *cos_t, const fl
     }
 }
 
-void silu_mul(float *g, const float *u, int n) {
-    for (int i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* e^x for 8 lanes: Cephes expf (range reduction by ln 2 in two parts, degree-5 polynomial), ~1 ulp; x clamped
+ * to [-87.3, 88.3] so 2^n stays a normal float (silu then gives -0 / x at the extremes, like the scalar code) */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
+#endif
 
-/* out[i] = W . x[i] for 4 activation rows (quantized weight types); falls back to 4 single dots */
-void vec_dot4(int type, const void *w, const block_q8_0 *xq, const float *xs, int xstride, int n, float *out) {
+void silu_mul(float *g, const float *u, int n) {
+    int i = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (g_simd >= SIMD_AVX2) {
-        const int nb = n / QK;
-        const int vnni = g_simd == SIMD_AVX512VNNI;
-        if (type == T_Q8_0) dot4_q80_avx((const block_q8_0 *)w, xq, xstride, nb, out, vnni);
-        else dot4_q4x_avx(type, (const uint8_t *)w, xq, xs, xstride, nb, out, vnni);
-        return;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(g + i);
+            const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), v)));
+            _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(v, den), _mm256_loadu_ps(u + i)));
+        }
     }
 #endif
-    for (int i = 0; i < 4; i++) out[i] = vec_dot(type, w, xq + (size_t)i * xstride, xs + (size_t)i * xstride, NULL, n);
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }

@@ -19,19 +19,21 @@ void act_prepare(act *a, const float *x, int T, int cols, block_q8_0 *qbuf, floa
     }
 }
 
-/* rows per chunk: ~8 chunks per thread for balance, whole groups of 8 rows (the repacked layout's unit) */
+/* rows per chunk: ~8 chunks per thread for balance, whole pairs of 8-row groups (the AVX-512 kernel's 16-row
+ * tile; the repacked layout's unit is 8 rows) */
 static int chunk_rows(const pool *p, int total) {
     const int nth = pool_size(p);
-    if (nth == 1) return total > 0 ? (total + 7) & ~7 : 8;
+    if (nth == 1) return total > 0 ? (total + 15) & ~15 : 16;
     int ch = (total + nth * 8 - 1) / (nth * 8);
-    ch = (ch + 7) & ~7;
-    return ch < 8 ? 8 : ch;
+    ch = (ch + 15) & ~15;
+    return ch < 16 ? 16 : ch;
 }
 
 static inline void dot_rows(const act *a, const tensor *w, int r0, int r1, float *y, int ldy) {
     const int nb = a->cols / QK;
-    if (type_is_x8(w->type)) { /* r0 is a multiple of 8 (chunks are), rows % 8 == 0 (repack condition) */
-        for (int g = r0 / 8; g < (r1 + 7) / 8; g++) gemm_x8(w->type, w->data + (size_t)g * w->stride, nb, a->xq, a->xs, a->xd, nb, a->T, y + 8 * g, ldy);
+    if (type_is_x8(w->type)) { /* r0 is a multiple of 16 (chunks are), rows % 8 == 0 (repack condition) */
+        gemm_x8(w->type, w->data + (size_t)(r0 / 8) * w->stride, w->stride, (r1 - r0 + 7) / 8, nb, a->xq, a->xs, a->xd, nb,
+                a->T, y + r0, ldy);
         return;
     }
     const int quant = type_is_quant(w->type);
@@ -100,21 +102,18 @@ static void swiglu_task(void *varg, int chunk, int ith) {
     const int start = chunk * m->ch;
     const int end = start + m->ch < m->wg->rows ? start + m->ch : m->wg->rows;
     if (type_is_x8(m->wg->type) && type_is_x8(m->wu->type)) {
-        float u[16 * 8]; /* [16 tokens][8 rows] of `up` for one group */
-        for (int g = start / 8; g < (end + 7) / 8; g++) {
+        float u[16 * 16]; /* [16 tokens][16 rows] of `up` for one pair of groups */
+        for (int r = start; r < end; r += 16) {
+            const int ng = end - r >= 16 ? 2 : 1, nr = 8 * ng;
             for (int t0 = 0; t0 < a->T; t0 += 16) {
                 const int tb = a->T - t0 < 16 ? a->T - t0 : 16;
-                const block_q8_0 *xq = a->xq + (size_t)t0 * nb;
-                const float *xs = a->xs + (size_t)t0 * nb;
-                const float *xd = a->xd + (size_t)t0 * nb;
-                float *gy = m->g + (size_t)t0 * m->ldh + 8 * g;
-                gemm_x8(m->wg->type, m->wg->data + (size_t)g * m->wg->stride, nb, xq, xs, xd, nb, tb, gy, m->ldh);
-                gemm_x8(m->wu->type, m->wu->data + (size_t)g * m->wu->stride, nb, xq, xs, xd, nb, tb, u, 8);
-                for (int t = 0; t < tb; t++)
-                    for (int i = 0; i < 8; i++) {
-                        float *gv = gy + (size_t)t * m->ldh + i;
-                        *gv = *gv / (1.0f + expf(-*gv)) * u[t * 8 + i];
-                    }
+                const size_t o = (size_t)t0 * nb;
+                float *gy = m->g + (size_t)t0 * m->ldh + r;
+                gemm_x8(m->wg->type, m->wg->data + (size_t)(r / 8) * m->wg->stride, m->wg->stride, ng, nb, a->xq + o, a->xs + o,
+                        a->xd + o, nb, tb, gy, m->ldh);
+                gemm_x8(m->wu->type, m->wu->data + (size_t)(r / 8) * m->wu->stride, m->wu->stride, ng, nb, a->xq + o, a->xs + o,
+                        a->xd + o, nb, tb, u, nr);
+                for (int t = 0; t < tb; t++) silu_mul(gy + (size_t)t * m->ldh, u + t * nr, nr);
             }
         }
         return;

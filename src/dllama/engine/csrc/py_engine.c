@@ -72,7 +72,7 @@ static int Engine_init(Engine *self, PyObject *args, PyObject *kw) {
         c.n_layers < 1 || c.vocab < 0 || c.n_experts < 0 || c.n_experts > 4096 || c.n_active < 0 ||
         c.n_active > c.n_experts || c.n_active > 64 || (c.n_experts && c.n_active < 1) ||
         (c.sync != SYNC_Q80 && c.sync != SYNC_F32 && c.sync != SYNC_F16) ||
-        (c.kv_type != T_F32 && c.kv_type != T_F16 && c.kv_type != T_Q8_0) || (c.kv_type == T_Q8_0 && c.head_dim % QK)) {
+        !type_traits_of(c.kv_type) || !type_traits_of(c.kv_type)->kv || c.head_dim % type_traits_of(c.kv_type)->block_elems) {
         PyErr_SetString(PyExc_ValueError, "Engine: inconsistent dimensions");
         return -1;
     }

@@ -22,16 +22,18 @@ static PyObject *py_accumulate_q80(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* matmul(w, type, rows, cols, stride, x, y, T, nthreads[, w_up]): with w_up (same type and shape), the fused
+ * feed-forward y = silu(W x) * (W_up x) of matmul_swiglu */
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
-    Py_buffer w, x, y;
+    Py_buffer w, x, y, wu = {0};
     int type, rows, cols, T, nthreads;
     Py_ssize_t stride;
-    if (!PyArg_ParseTuple(args, "y*iiiny*w*ii", &w, &type, &rows, &cols, &stride, &x, &y, &T, &nthreads)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*iiiny*w*ii|y*", &w, &type, &rows, &cols, &stride, &x, &y, &T, &nthreads, &wu)) return NULL;
     PyObject *res = NULL;
     const size_t rb = row_bytes(type, cols);
     if (rb == 0 || (type_is_quant(type) && cols % QK) || rows < 1 || T < 1 || (size_t)stride < rb ||
         (size_t)w.len < (size_t)(rows - 1) * stride + rb || x.len < (Py_ssize_t)T * cols * 4 ||
-        y.len < (Py_ssize_t)T * rows * 4) {
+        y.len < (Py_ssize_t)T * rows * 4 || (wu.buf && wu.len != w.len)) {
         PyErr_SetString(PyExc_ValueError, "matmul: bad sizes");
     } else {
         const int nb = cols / QK;
@@ -40,14 +42,20 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         float *xd = (float *)malloc(sizeof(float) * (size_t)T * (nb ? nb : 1));
         pool *p = pool_create(nthreads);
         tensor t = {(const uint8_t *)w.buf, (size_t)stride, type, rows, cols};
-        uint8_t *own = tensor_repack(&t);
+        tensor tu = {(const uint8_t *)wu.buf, (size_t)stride, type, rows, cols};
+        uint8_t *own = tensor_repack(&t), *own_u = wu.buf ? tensor_repack(&tu) : NULL;
         Py_BEGIN_ALLOW_THREADS act a;
         act_prepare(&a, (const float *)x.buf, T, cols, xq, xs, xd, type_is_quant(type));
-        float *const yy[1] = {(float *)y.buf};
-        const int ld[1] = {rows};
-        matmul(p, &a, 1, &t, yy, ld);
+        if (wu.buf) {
+            matmul_swiglu(p, &a, &t, &tu, (float *)y.buf, rows);
+        } else {
+            float *const yy[1] = {(float *)y.buf};
+            const int ld[1] = {rows};
+            matmul(p, &a, 1, &t, yy, ld);
+        }
         Py_END_ALLOW_THREADS pool_destroy(p);
         free(own);
+        free(own_u);
         free(xq);
         free(xs);
         free(xd);
@@ -57,6 +65,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     PyBuffer_Release(&w);
     PyBuffer_Release(&x);
     PyBuffer_Release(&y);
+    if (wu.buf) PyBuffer_Release(&wu);
     return res;
 }
 
@@ -108,9 +117,10 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     const size_t rb = row_bytes(kv_type, hd), rows = (size_t)(nkv > 0 ? nkv : 0) * (size_t)(max_seq > 0 ? max_seq : 0);
     const Py_ssize_t qn = (Py_ssize_t)T * nh * hd * 4, kn = (Py_ssize_t)(rows * rb), fn = (Py_ssize_t)(rows * hd * 4);
     const int from_f32 = kv_type != T_F32 && kc.len == fn && vc.len == fn;
-    if (kv_type != T_F32 && kv_type != T_F16 && kv_type != T_Q8_0) {
+    const type_traits *kt = type_traits_of(kv_type);
+    if (!kt || !kt->kv) {
         PyErr_Format(PyExc_ValueError, "attention: KV cache type %d is not F32, F16 or Q8_0", kv_type);
-    } else if (kv_type == T_Q8_0 && hd % QK) {
+    } else if (hd % kt->block_elems) {
         PyErr_Format(PyExc_ValueError, "attention: a Q8_0 KV cache needs head_dim %% 32 == 0 (got %d)", hd);
     } else if (T < 1 || pos < 0 || hd < 1 || nkv < 1 || nh % nkv || q.len != qn || out.len != qn ||
                (!from_f32 && (kc.len != kn || vc.len != kn)) || pos + T > max_seq) {
@@ -198,7 +208,7 @@ static PyObject *py_simd_info(PyObject *self, PyObject *noargs) {
 
 PyMethodDef testing_methods[] = {
     {"accumulate_q80", py_accumulate_q80, METH_VARARGS, "accumulate_q80(dst_f32, src_q80): dst += dequant(src)"},
-    {"matmul", py_matmul, METH_VARARGS, "matmul(w, type, rows, cols, stride, x, y, T, nthreads)"},
+    {"matmul", py_matmul, METH_VARARGS, "matmul(w, type, rows, cols, stride, x, y, T, nthreads[, w_up])"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, w, eps, out)"},
     {"rope", py_rope, METH_VARARGS, "rope(x, n_heads, head_dim, cos, sin, neox=False) in place"},
     {"attention", py_attention, METH_VARARGS, "attention(q, kc, vc, out, T, pos, nh, nkv, hd, max_seq, nthreads, kv_type=0)"},
