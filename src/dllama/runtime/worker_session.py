@@ -125,7 +125,7 @@ class WorkerSession:
         kv = 0 if kv_dir else kv_cache_bytes(plan.cfg, share.n_kv_heads, s.max_seq, s.kv_type)
         check_fits(NodeMemory(weights, kv,
                               buffer_bytes(plan.cfg, share.n_heads, share.n_kv_heads, share.hidden, share.vocab_rows,
-                                           s.max_seq, s.max_batch, self.server.nthreads)),
+                                           s.max_seq, s.max_batch, self.server.nthreads), kv_type=s.kv_type),
                    f"worker node {s.index}")  # fmt: skip
         self.server.current_session = self  # peers may connect from now on
         engine = Engine(plan.cfg, share, max_seq=s.max_seq, max_batch=s.max_batch, nthreads=self.server.nthreads,
