@@ -27,9 +27,6 @@ import hmac
 import os
 import socket
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from dllama.errors import DllamaError
 from dllama.net import messages as M
 from dllama.net.messages import HEADER, LIMITS, NAMES, ProtocolError
@@ -131,6 +128,9 @@ def frame_keys(key: bytes, client_nonce: bytes, server_nonce: bytes, role: int, 
     (RFC 5869) with both nonces as salt, so every connection has fresh keys; the flags are in the context, so an
     encrypted link never shares a key with an HMAC-tagged one."""
     info = b"dllama-frame-keys" + bytes([role, flags]) + model_hash
+    from cryptography.hazmat.primitives import hashes  # here: a single node never needs it (~20 ms at start)
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     okm = HKDF(algorithm=hashes.SHA256(), length=4 * 32, salt=client_nonce + server_nonce, info=info).derive(key)
     return [okm[i : i + 32] for i in range(0, len(okm), 32)]
 

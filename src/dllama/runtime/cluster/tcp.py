@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from dllama.engine.engine import CommError, Engine, slot_of
 from dllama.errors import DllamaError
@@ -222,6 +221,8 @@ def _ship_weights(targets: list[tuple[Conn, int]], plan: SplitPlan, model: GGUFM
         return
     jobs = [(conn, plan.nodes[i]) for conn, i in targets]
     total = sum(plan.node_bytes(share, model) for _, share in jobs)
+    from tqdm import tqdm  # only when shipping weights: ~17 ms of every start otherwise
+
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"sending weights to {len(jobs)} worker(s)",
                file=sys.stderr, disable=None)  # fmt: skip
     lock = threading.Lock()
