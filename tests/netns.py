@@ -73,6 +73,14 @@ class VethPair:
 
 
 
+def _bridge_nf_off(ns: str) -> None:
+    """No netfilter on bridged frames in namespace ns (per-namespace sysctls; absent if br_netfilter is not loaded)."""
+    for fam in ("iptables", "ip6tables", "arptables"):
+        path = f"net.bridge.bridge-nf-call-{fam}"
+        if subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", path], capture_output=True).returncode == 0:
+            _run("ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{path}=0")
+
+
 class Star:
     """n hosts on one switch, like a home cluster on a gigabit switch: namespaces <tag>n0 .. <tag>n{n-1} (addresses
     10.232.X.1 .. 10.232.X.n on a /24), each with one veth whose other end is a port of the bridge `br0` in the
@@ -96,6 +104,9 @@ class Star:
             self._add_ns(self.ns_switch)
             _run("ip", "-n", self.ns_switch, "link", "add", "br0", "type", "bridge")
             _run("ip", "-n", self.ns_switch, "link", "set", "br0", "up")
+            # a switch forwards frames in hardware; with br_netfilter loaded, the kernel would also run every
+            # bridged frame through iptables, on the CPU (and budget) of the node that sent it
+            _bridge_nf_off(self.ns_switch)
             for i, (ns, addr) in enumerate(zip(self.namespaces, self.addrs, strict=True)):
                 self._add_ns(ns)
                 host, port = f"{self.tag}-{i}h", f"{self.tag}-{i}s"
