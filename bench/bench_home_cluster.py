@@ -236,6 +236,8 @@ def main() -> None:
         return node_root(a)
     if os.geteuid() != 0:
         sys.exit("bench_home_cluster.py needs root (network namespaces, cgroups)")
+    if min(a.quota_us, a.period_us) < 1000:
+        sys.exit("--quota-us and --period-us must be >= 1000 (the kernel's minimum)")
     cores = os.cpu_count() * a.period_us / a.quota_us
     if max(a.nodes) > cores + 1e-9:
         sys.exit(f"{max(a.nodes)} nodes x {a.quota_us / a.period_us:g} core exceed the {os.cpu_count()} cores here")

@@ -85,8 +85,8 @@ class CpuCgroup:
     def __init__(self, quota_us: int = 5000, period_us: int = 10000, burst_us: int = 0, tag: str = "dllama"):
         if os.geteuid() != 0:
             raise RuntimeError("CPU cgroups need root")
-        if quota_us <= 0 or period_us < 1000:
-            raise ValueError("quota_us must be > 0 and period_us >= 1000")
+        if quota_us < 1000 or period_us < 1000:  # the kernel's minimum for both (EINVAL below it)
+            raise ValueError("quota_us and period_us must be >= 1000")
         self.quota_us, self.period_us = quota_us, period_us
         self.v1 = os.path.isfile(os.path.join(V1_CPU, "cpu.cfs_quota_us"))
         name = f"{tag}-{uuid.uuid4().hex[:8]}"
