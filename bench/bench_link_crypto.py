@@ -152,6 +152,10 @@ def vs_src(other: str, rounds: int, count: int) -> None:
                                           str(count)], env=dict(os.environ, PYTHONPATH=src), stdout=subprocess.PIPE,
                                          text=True, check=True)  # fmt: skip
                     res.setdefault((name, shape, n), []).append(json.loads(out.stdout))
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-links", str(count)],
+                                 env=dict(os.environ, PYTHONPATH=src), stdout=subprocess.PIPE, text=True, check=True)
+            for what, x in json.loads(out.stdout).items():
+                res.setdefault((name, what), []).append(x)
     print(f"C mesh all-to-all, default tags, q80, in-process nodes on socketpairs: us per exchange (and ms per token "
           f"= 2 x layers exchanges), medians of {rounds}")  # fmt: skip
     names = list(trees)
@@ -163,6 +167,10 @@ def vs_src(other: str, rounds: int, count: int) -> None:
             tok = [x * 2 * layers / 1e3 for x in u]
             print(f"{shape:<36} {n:>5} " + " ".join(f"{x:>24.1f}" for x in u) + f" {u[0] / u[1]:>6.2f}"
                   + " ".join(f"{x:>18.3f}" for x in tok) + f" {tok[0] - tok[1]:>+12.3f}")  # fmt: skip
+    print("\nPython links (net/conn.py), default tags")
+    for what in ("FORWARD + LOGITS round trip, us", "weights, MB/s"):
+        u = [statistics.median(res[name, what]) for name in names]
+        print(f"{what:<42} " + " ".join(f"{x:>24.1f}" for x in u) + f" {u[0] / u[1]:>6.2f}")
 
 
 def main() -> None:
@@ -171,7 +179,11 @@ def main() -> None:
     p.add_argument("--exchanges", type=int, default=2000)
     p.add_argument("--vs-src", metavar="DIR", help="compare this tree's exchange with DIR's")
     p.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--child-links", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child_links:
+        return print(json.dumps({"FORWARD + LOGITS round trip, us": small_frame_us("gmac", a.child_links),
+                                 "weights, MB/s": weights_mb_s("gmac")}))  # fmt: skip
     if a.child:
         n, nbytes, count = a.child
         return print(json.dumps(exchange_us(n, "gmac", nbytes, count)))

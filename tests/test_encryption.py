@@ -257,3 +257,18 @@ def test_a_version_3_peer_gets_the_version_mismatch_error_both_ways():
     t.join()
     client.close()
     b.close()
+
+
+@MODES
+def test_link_keys_must_be_32_bytes(encrypt):
+    """AES-256 in both modes: a shorter key (which AES would take as AES-128) is a programming error, not a mode."""
+    from dllama.net import _mesh
+
+    a, b = socket.socketpair()
+    short, good = os.urandom(16), os.urandom(32)
+    with pytest.raises(ValueError, match="32-byte keys"):
+        _mesh.TcpMesh([-1, a.fileno()], 0, M.PARTIAL_PREFIX, M.EXPLAIN_TYPES, 5000, [None, (good, short, encrypt)])
+    with pytest.raises(ValueError, match="32 bytes"):
+        Conn(a, "worker 1 (test)", timeout=5).start_integrity(short, good, (good, good), encrypt=encrypt)
+    a.close()
+    b.close()
