@@ -6,7 +6,7 @@ as literals, so a change of the wire format, of the sync type or of the formula 
 Default model (SmolLM2-135M-Instruct): dim 576, L = 30 layers, vocabulary 49152, embedding rows in Q8_0
 (576 / 32 blocks * 34 B = 612 B). 3 nodes: the vocabulary splits 16384 / 16384 / 16384 rows.
 Frame header 8 B (magic 2, type 1, flags 1, length 4); after the handshake every frame ends with a 16 B integrity
-tag (truncated HMAC-SHA256). A partial-sum frame: header 8 + step 4 + T rows + tag 16.
+tag (AES-256-GMAC, or GCM's with --encrypt: the same size). A partial-sum frame: header 8 + step 4 + T rows + tag 16.
   q80 partial row S = 576 / 32 * 34 = 612 B   -> one frame (T=1) = 12 + 612 + 16 = 640 B;  2L frames = 60 * 640 = 38400
   f32 partial row S = 576 * 4 = 2304 B        -> one frame (T=1) = 12 + 2304 + 16 = 2332 B; 60 * 2332 = 139920
   FORWARD (T=1) = header 8 + head 16 (pos, T, type, want) + 612 + tag 16 = 652 B

@@ -19,7 +19,7 @@ from dllama.model.config import ModelConfig
 from dllama.model.weight_types import NATIVE
 from dllama.split.plan import NodeShare, SplitPlan
 
-VERSION = 3  # 3: HELLO carries flags (FLAG_ENCRYPT)
+VERSION = 4  # 3: HELLO carries flags (FLAG_ENCRYPT); 4: default frame tag AES-256-GMAC (was HMAC-SHA256)
 MAGIC = b"DL"
 HEADER = struct.Struct("<2sBBI")  # magic, type, flags (0), payload length
 

@@ -13,12 +13,23 @@ knows it talks to a real worker). Between workers it is a per-session key each d
 the session id (`session_key`): it never travels. A version mismatch is answered with ERROR.
 
 After AUTH_OK both ends derive this link's keys with HKDF-SHA256 from the handshake key, both nonces, the role,
-the flags and the server's model hash (`frame_keys`; AUTH_OK's proof does not cover the hash), one key per
-direction for the Python frames and one per direction for the C mesh's partial sums. Every later frame carries a
-16-byte tag: an HMAC-SHA256 tag by default, or, with FLAG_ENCRYPT (`--encrypt`), the frame's payload is
-AES-256-GCM encrypted and the tag is GCM's (conn.Conn.start_integrity, mesh.Mesh). The flag is covered by both
-proofs and the keys, so a relay that clears or sets it makes the handshake fail. DLLAMA_INSECURE_NO_MAC=1 turns
-the HMAC tags off (benchmarks of their cost only; every node must have it); it never turns encryption off."""
+the flags and the server's model hash (`frame_keys`; AUTH_OK's proof does not cover the hash): 32 bytes each, one
+per direction for the Python frames (conn.Conn) and one per direction for the C mesh's partial sums (mesh.Mesh).
+
+Every later frame is followed by a 16-byte tag, the same on both kinds of frames (the C mesh's header is 12 bytes:
+the 8 above, the length counting the u32 sync step that follows, then the step). With the frame's key for its
+direction, `seq` the number of frames sent before it in that direction on this link (from 0) and
+nonce = u64 little-endian seq | 4 zero bytes:
+  default (AES-256-GMAC):  wire = header | payload | tag,  tag = AES-256-GCM(key, nonce, plaintext = empty,
+                           associated data = header | payload).tag
+  FLAG_ENCRYPT (--encrypt): wire = header | ciphertext | tag,  (ciphertext, tag) = AES-256-GCM(key, nonce,
+                           plaintext = payload, associated data = header)
+Sizes do not change. A nonce is never reused under a key: the keys are fresh for every connection (both nonces are
+the HKDF salt) and direction, one frame per sequence number, and an encrypted link never shares a key with a
+tag-only one (the flags are in the HKDF context). An altered, dropped, replayed or reordered frame fails its tag.
+The flag is covered by both proofs and the keys, so a relay that clears or sets it makes the handshake fail.
+DLLAMA_INSECURE_NO_MAC=1 turns the default tags off (benchmarks of their cost only; every node must have it); it
+never turns encryption off."""
 
 from __future__ import annotations
 
@@ -126,7 +137,7 @@ def frame_keys(key: bytes, client_nonce: bytes, server_nonce: bytes, role: int, 
                flags: int = 0) -> list[bytes]:  # fmt: skip
     """Client->server and server->client keys of the Python frames, then of the C mesh's partial sums: HKDF-SHA256
     (RFC 5869) with both nonces as salt, so every connection has fresh keys; the flags are in the context, so an
-    encrypted link never shares a key with an HMAC-tagged one."""
+    encrypted link never shares a key with a tag-only (AES-GMAC) one."""
     info = b"dllama-frame-keys" + bytes([role, flags]) + model_hash
     from cryptography.hazmat.primitives import hashes  # here: a single node never needs it (~20 ms at start)
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF

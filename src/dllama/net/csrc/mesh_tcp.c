@@ -10,16 +10,15 @@
  * receive buffer. A frame of one of the `explain` types (the peer's ERROR / ABORT) is read whole and returned as the
  * failure, so the caller can say why the peer gave up.
  *
- * Integrity: when the link has keys (derived from its handshake by dllama.net.protocol, never sent), every frame is
- * followed by a 16-byte tag = HMAC-SHA256(key, u64 sequence number | 12-byte head | payload) truncated, one key and
- * one counter per direction and link, so a frame altered, dropped, replayed or reordered on the way is caught
- * (COMM_INTEGRITY) before the engine adds it. HMAC is OpenSSL's (libcrypto).
- *
- * Encryption (`--encrypt`: the link's keys come with encrypt=True): the payload is AES-256-GCM encrypted under the
- * link's key for that direction, nonce = the u64 sequence number (a fresh key per connection and direction, one
- * frame per number: never reused), the 12-byte head authenticated as associated data, GCM's 16-byte tag in place
- * of the HMAC tag; sizes do not change. Each link then gets its own copy of our frame (its own key), and a received
- * payload is decrypted in place in the receive buffer once its tag has arrived. OpenSSL's EVP AES-GCM. */
+ * Integrity and encryption: the tag that follows every frame of a keyed link is the one defined in
+ * dllama/net/protocol.py (the wire format is written there), here with the 12-byte head (prefix, length, step) as
+ * the frame's header: AES-256-GCM under the link's key for that direction with nonce = the u64 sequence number,
+ * over an empty plaintext with head | payload as associated data (AES-GMAC, the default), or with `--encrypt`
+ * (the link's keys come with encrypt=True) over the payload as plaintext with the head as associated data, GCM's
+ * 16-byte tag in either case. A frame altered, dropped, replayed or reordered on the way fails its tag
+ * (COMM_INTEGRITY) before the engine adds it. Encrypted, each link gets its own copy of our frame (its own key),
+ * and a received payload is decrypted in place in the receive buffer once its tag has arrived. OpenSSL's EVP
+ * AES-GCM (libcrypto: AES-NI and carry-less multiply where the CPU has them). */
 #define PY_SSIZE_T_CLEAN
 #define _POSIX_C_SOURCE 200809L
 #include <Python.h>
@@ -32,10 +31,8 @@
 #include <sys/uio.h>
 #include <time.h>
 
-#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/params.h>
 
 #include "../../engine/csrc/comm.h"
 
@@ -43,9 +40,12 @@
 #define MAX_NODES 64
 #define TAG 16
 
+/* A nonce is never reused under a key: the keys are fresh for every connection and direction (HKDF over both
+ * handshake nonces, dllama.net.protocol.frame_keys), one frame per sequence number, and the u64 counter never wraps.
+ * The encrypted and the tag-only links never share a key (the encrypt flag is in the key derivation). */
 typedef struct {
-    EVP_MAC_CTX *tx, *rx; /* keyed HMAC-SHA256 per direction; NULL: no HMAC on this link */
-    EVP_CIPHER_CTX *etx, *erx; /* keyed AES-256-GCM per direction; NULL: this link is not encrypted */
+    EVP_CIPHER_CTX *tx, *rx; /* keyed AES-256-GCM per direction; NULL: no tag on this link */
+    int encrypt; /* 1: payload encrypted (--encrypt); 0: AES-GMAC tag only */
     uint64_t seq_tx, seq_rx;
     uint8_t *ebuf; /* encrypted links: [HEAD + len] our frame under this link's key */
     size_t ecap;
@@ -61,29 +61,29 @@ typedef struct {
     uint8_t *sbuf; /* [HEAD + len] our frame */
     size_t scap;
     uint8_t head[MAX_NODES][HEAD];
-    EVP_MAC *mac;
     link_mac lm[MAX_NODES];
     uint8_t stag[MAX_NODES][TAG], rtag[MAX_NODES][TAG];
     uint8_t over[MAX_NODES][TAG]; /* bytes read past a peer's ERROR / ABORT frame: its tag, for its Conn */
     size_t n_over[MAX_NODES];
 } tcp_mesh;
 
-/* HMAC(seq | head | payload), truncated to TAG bytes; the context keeps its key across frames */
-static int frame_tag(EVP_MAC_CTX *ctx, uint64_t seq, const uint8_t *head, const uint8_t *payload, size_t len,
-                     uint8_t *out) {
-    uint8_t s[8], md[EVP_MAX_MD_SIZE];
-    size_t n = 0;
-    for (int i = 0; i < 8; i++) s[i] = (uint8_t)(seq >> (8 * i));
-    if (!EVP_MAC_init(ctx, NULL, 0, NULL) || !EVP_MAC_update(ctx, s, 8) || !EVP_MAC_update(ctx, head, HEAD) ||
-        !EVP_MAC_update(ctx, payload, len) || !EVP_MAC_final(ctx, md, &n, sizeof md) || n < TAG)
-        return -1;
-    memcpy(out, md, TAG);
-    return 0;
-}
-
 static void gcm_nonce(uint64_t seq, uint8_t iv[12]) {
     for (int i = 0; i < 8; i++) iv[i] = (uint8_t)(seq >> (8 * i));
     memset(iv + 8, 0, 4);
+}
+
+/* AES-256-GMAC: the GCM tag of an empty plaintext with head | payload as associated data (the context keeps its
+ * key across frames); used to make our tags and, compared with CRYPTO_memcmp, to check the peers' */
+static int frame_tag(EVP_CIPHER_CTX *c, uint64_t seq, const uint8_t *head, const uint8_t *payload, size_t len,
+                     uint8_t *tag) {
+    uint8_t iv[12], none[16];
+    int n;
+    gcm_nonce(seq, iv);
+    if (len > INT_MAX || !EVP_EncryptInit_ex(c, NULL, NULL, NULL, iv) || !EVP_EncryptUpdate(c, NULL, &n, head, HEAD) ||
+        !EVP_EncryptUpdate(c, NULL, &n, payload, (int)len) || !EVP_EncryptFinal_ex(c, none, &n) ||
+        !EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_GET_TAG, TAG, tag))
+        return -1;
+    return 0;
 }
 
 /* AES-256-GCM: `in` (len bytes) encrypted into `out`, head authenticated, the tag into `tag` */
@@ -112,13 +112,13 @@ static int frame_open(EVP_CIPHER_CTX *c, uint64_t seq, const uint8_t *head, uint
     return 0;
 }
 
-static int tagged(const link_mac *l) { return l->tx != NULL || l->etx != NULL; }
+static int tagged(const link_mac *l) { return l->tx != NULL; }
 
 /* our frame (`body` bytes: sbuf, or the link's encrypted copy) then node j's tag, from byte `off` on */
 static ssize_t send_part(tcp_mesh *m, int j, size_t off, size_t body) {
     struct iovec iov[2];
     int n = 0;
-    const uint8_t *src = m->lm[j].etx ? m->lm[j].ebuf : m->sbuf;
+    const uint8_t *src = m->lm[j].encrypt ? m->lm[j].ebuf : m->sbuf;
     if (off < body) iov[n++] = (struct iovec){(void *)(src + off), body - off};
     if (tagged(&m->lm[j])) {
         const size_t t = off > body ? off - body : 0;
@@ -177,8 +177,8 @@ static int read_explanation(tcp_mesh *m, int node, const uint8_t *have, size_t n
 static int finish(tcp_mesh *m, int j, uint8_t *recv_buf, size_t len, uint32_t step) {
     link_mac *l = &m->lm[j];
     uint8_t *payload = recv_buf + (size_t)j * len;
-    if (l->erx) {
-        if (frame_open(l->erx, l->seq_rx++, m->head[j], payload, len, m->rtag[j])) return fail(m, j, COMM_INTEGRITY, 0);
+    if (l->encrypt) {
+        if (frame_open(l->rx, l->seq_rx++, m->head[j], payload, len, m->rtag[j])) return fail(m, j, COMM_INTEGRITY, 0);
     } else if (l->rx) {
         uint8_t want[TAG];
         if (frame_tag(l->rx, l->seq_rx++, m->head[j], payload, len, want) || CRYPTO_memcmp(want, m->rtag[j], TAG) != 0)
@@ -277,7 +277,7 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
         if (j == c->self) continue;
         link_mac *l = &m->lm[j];
         tot[j] = total + (tagged(l) ? TAG : 0);
-        if (l->etx) {
+        if (l->encrypt) {
             if (l->ecap < total) {
                 uint8_t *nb = (uint8_t *)realloc(l->ebuf, total);
                 if (!nb) return fail(m, -1, COMM_SOCKERR, ENOMEM);
@@ -285,7 +285,7 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
                 l->ecap = total;
             }
             memcpy(l->ebuf, m->sbuf, HEAD);
-            if (frame_seal(l->etx, l->seq_tx++, m->sbuf, m->sbuf + HEAD, l->ebuf + HEAD, len, m->stag[j]))
+            if (frame_seal(l->tx, l->seq_tx++, m->sbuf, m->sbuf + HEAD, l->ebuf + HEAD, len, m->stag[j]))
                 return fail(m, j, COMM_INTEGRITY, 0);
         } else if (l->tx && frame_tag(l->tx, l->seq_tx++, m->sbuf, m->sbuf + HEAD, len, m->stag[j])) {
             return fail(m, j, COMM_INTEGRITY, 0);
@@ -359,13 +359,10 @@ static void TcpMesh_dealloc(TcpMesh *self) {
     if (self->m) {
         free(self->m->sbuf);
         for (int j = 0; j < MAX_NODES; j++) {
-            EVP_MAC_CTX_free(self->m->lm[j].tx);
-            EVP_MAC_CTX_free(self->m->lm[j].rx);
-            EVP_CIPHER_CTX_free(self->m->lm[j].etx);
-            EVP_CIPHER_CTX_free(self->m->lm[j].erx);
+            EVP_CIPHER_CTX_free(self->m->lm[j].tx);
+            EVP_CIPHER_CTX_free(self->m->lm[j].rx);
             free(self->m->lm[j].ebuf);
         }
-        EVP_MAC_free(self->m->mac);
     }
     free(self->m);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -392,33 +389,18 @@ static int set_keys(tcp_mesh *m, PyObject *keys_o, Py_ssize_t n) {
             return -1;
         }
         Py_DECREF(kp);
-        if (encrypt) {
-            link_mac *l = &m->lm[i];
-            int ok = ks.len == 32 && kr.len == 32 && (l->etx = EVP_CIPHER_CTX_new()) && (l->erx = EVP_CIPHER_CTX_new()) &&
-                     EVP_EncryptInit_ex(l->etx, EVP_aes_256_gcm(), NULL, ks.buf, NULL) &&
-                     EVP_DecryptInit_ex(l->erx, EVP_aes_256_gcm(), NULL, kr.buf, NULL);
-            PyBuffer_Release(&ks);
-            PyBuffer_Release(&kr);
-            if (!ok) {
-                PyErr_SetString(PyExc_RuntimeError, "TcpMesh: cannot set up AES-256-GCM (OpenSSL; 32-byte keys)");
-                return -1;
-            }
-            continue;
-        }
-        int ok = ks.len > 0 && kr.len > 0;
-        if (ok && !m->mac) ok = (m->mac = EVP_MAC_fetch(NULL, "HMAC", NULL)) != NULL;
-        char digest[] = "SHA256";
-        OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0), OSSL_PARAM_END};
-        if (ok) {
-            m->lm[i].tx = EVP_MAC_CTX_new(m->mac);
-            m->lm[i].rx = EVP_MAC_CTX_new(m->mac);
-            ok = m->lm[i].tx && m->lm[i].rx && EVP_MAC_init(m->lm[i].tx, ks.buf, (size_t)ks.len, params) &&
-                 EVP_MAC_init(m->lm[i].rx, kr.buf, (size_t)kr.len, params);
-        }
+        /* both modes: AES-256-GCM keyed once per direction; the tag-only mode uses the encrypting direction for
+         * checking too (it recomputes the tag) */
+        link_mac *l = &m->lm[i];
+        l->encrypt = encrypt;
+        int ok = ks.len == 32 && kr.len == 32 && (l->tx = EVP_CIPHER_CTX_new()) && (l->rx = EVP_CIPHER_CTX_new()) &&
+                 EVP_EncryptInit_ex(l->tx, EVP_aes_256_gcm(), NULL, ks.buf, NULL) &&
+                 (encrypt ? EVP_DecryptInit_ex(l->rx, EVP_aes_256_gcm(), NULL, kr.buf, NULL)
+                          : EVP_EncryptInit_ex(l->rx, EVP_aes_256_gcm(), NULL, kr.buf, NULL));
         PyBuffer_Release(&ks);
         PyBuffer_Release(&kr);
         if (!ok) {
-            PyErr_SetString(PyExc_RuntimeError, "TcpMesh: cannot set up HMAC-SHA256 (OpenSSL)");
+            PyErr_SetString(PyExc_ValueError, "TcpMesh: cannot set up AES-256-GCM (OpenSSL; 32-byte keys)");
             return -1;
         }
     }
@@ -568,8 +550,8 @@ static PyTypeObject TcpMeshType = {
     .tp_methods = TcpMesh_methods,
     .tp_getset = TcpMesh_getset,
     .tp_doc = "TcpMesh(fds, self_index, prefix, explain, timeout_ms, keys=None): all-to-all over connected sockets, "
-               "each link's frames tagged with HMAC-SHA256 when it has a (send, receive) key pair, or AES-256-GCM encrypted "
-               "when it has (send, receive, True).",
+               "each link's frames tagged with AES-256-GMAC when it has a (send, receive) pair of 32-byte keys, or AES-256-GCM "
+               "encrypted when it has (send, receive, True).",
 };
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_mesh", "dllama TCP all-to-all", -1, NULL};
