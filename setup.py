@@ -29,7 +29,7 @@ setup(
             sources=["src/dllama/net/csrc/mesh_tcp.c"],
             depends=[f"{csrc}/comm.h"],
             extra_compile_args=flags,
-            libraries=["crypto"],  # OpenSSL's libcrypto: HMAC-SHA256 of every partial-sum frame
+            libraries=["crypto"],  # OpenSSL's libcrypto: AES-256-GMAC tags / AES-256-GCM of every partial-sum frame
         ),
     ]
 )
