@@ -14,7 +14,7 @@ if march != "none":
     flags.append(f"-mcpu={march}" if platform.machine() in ("aarch64", "arm64") and march == "native" else f"-march={march}")
 
 csrc = "src/dllama/engine/csrc"
-engine_sources = ("py_engine.c", "py_kernels.c", "py_testing.c", "graph.c", "kernels.c", "ops.c", "attention.c", "pool.c", "repack.c", "types.c")
+engine_sources = ("py_engine.c", "py_kernels.c", "py_testing.c", "graph.c", "kernels.c", "ops.c", "attention.c", "pool.c", "repack.c", "types.c", "arena.c")
 setup(
     ext_modules=[
         Extension(  # the per-node engine: layer graph, kernels, thread pool (knows nothing of sockets)

@@ -31,8 +31,7 @@ struct engine {
     tensor *lt;        /* [n_layers][N_LAYER_SLOTS] */
     tensor *xt;        /* [n_layers][3][n_experts]: gate, up, down of every expert */
     tensor gt[N_GLOBAL_SLOTS];
-    void **owned;      /* repacked copies this engine allocated */
-    int n_owned;
+    arena *weights;    /* the repacked copies this engine owns */
     const float *cos_t, *sin_t; /* [max_seq][hd/2] */
     uint8_t *kc, *vc;  /* [n_layers][nkv][max_seq] rows of hd values in kv_type */
     float *xb;         /* [B][dim] normed input */
@@ -62,12 +61,13 @@ struct engine {
 /* ---- 8-row repacking of Q4_0 / Q4_1 / Q8_0 at load (see repack.c) ---- */
 int g_repack = -1;
 
-uint8_t *tensor_repack(tensor *t) {
+uint8_t *tensor_repack(tensor *t, arena *a) {
     const type_traits *tt = type_traits_of(t->type);
     const int xt = tt ? tt->x8_type : -1;
     if (!g_repack || xt < 0 || t->rows % 8 || t->rows == 0) return NULL;
     const size_t group = (size_t)(t->cols / QK) * (size_t)g_types[xt].block_bytes;
-    uint8_t *dst = (uint8_t *)malloc(group * (size_t)(t->rows / 8));
+    const size_t n = group * (size_t)(t->rows / 8);
+    uint8_t *dst = (uint8_t *)(a ? arena_alloc(a, n) : malloc(n));
     if (!dst) return NULL;
     repack_x8(t->type, t->data, t->stride, t->rows, t->cols, dst);
     t->type = xt;
@@ -84,8 +84,7 @@ static inline tensor *XT(engine *e, int l, int which, int ex) {
 void engine_destroy(engine *e) {
     if (!e) return;
     pool_destroy(e->pool);
-    for (int i = 0; i < e->n_owned; i++) free(e->owned[i]);
-    free(e->owned);
+    arena_free(e->weights);
     free(e->lt); free(e->xt);
     if (e->kv_map) munmap(e->kv_map, e->kv_map_bytes);
     else { free(e->kc); free(e->vc); } free(e->xb); free(e->q); free(e->k); free(e->v); free(e->att); free(e->hb); free(e->ub);
@@ -214,14 +213,8 @@ int engine_set_tensor(engine *e, int layer, int slot, int expert, tensor t, int 
     tensor *dst = layer < 0 ? &e->gt[slot]
                 : ex_slot   ? XT(e, layer, slot - S_GATE_EXPS, expert)
                             : LT(e, layer, slot);
-    uint8_t *own = tensor_repack(&t);
-    if (own) {
-        void **no = (void **)realloc(e->owned, sizeof(void *) * (size_t)(e->n_owned + 1));
-        if (!no) { free(own); return -3; }
-        e->owned = no;
-        e->owned[e->n_owned++] = own;
-        *uses_source = 0;
-    }
+    if (!e->weights && !(e->weights = arena_new())) return -3;
+    if (tensor_repack(&t, e->weights)) *uses_source = 0;
     *dst = t;
     return 0;
 }

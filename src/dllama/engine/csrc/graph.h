@@ -3,6 +3,7 @@
 #ifndef DLLAMA_GRAPH_H
 #define DLLAMA_GRAPH_H
 
+#include "arena.h"
 #include "comm.h"
 #include "common.h"
 
@@ -55,7 +56,8 @@ int engine_forward(engine *e, int pos, int T, comm *c);
 void engine_logits(engine *e, int row); /* logits = output rows . final_norm(x[row]) */
 /* with check_residual: hash of x[0:T] after sync step s of the last forward, for s < 2 * n_layers */
 const uint64_t *engine_residual_hashes(const engine *e);
-uint8_t *tensor_repack(tensor *t); /* Q4_0/Q4_1 -> the 8-row layout (malloc'ed) or NULL */
+/* Q4_0/Q4_1/Q8_0 -> the 8-row layout, in `a` (NULL: malloc'ed, the caller frees it); NULL if not repacked */
+uint8_t *tensor_repack(tensor *t, arena *a);
 extern int g_repack;
 void rope_rows_neox(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t);
 

@@ -43,7 +43,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
         pool *p = pool_create(nthreads);
         tensor t = {(const uint8_t *)w.buf, (size_t)stride, type, rows, cols};
         tensor tu = {(const uint8_t *)wu.buf, (size_t)stride, type, rows, cols};
-        uint8_t *own = tensor_repack(&t), *own_u = wu.buf ? tensor_repack(&tu) : NULL;
+        uint8_t *own = tensor_repack(&t, NULL), *own_u = wu.buf ? tensor_repack(&tu, NULL) : NULL;
         Py_BEGIN_ALLOW_THREADS act a;
         act_prepare(&a, (const float *)x.buf, T, cols, xq, xs, xd, type_is_quant(type));
         if (wu.buf) {
