@@ -6,9 +6,24 @@ Used by the tests and by bench/bench_cluster.py, bench/bench_home_cluster.py. Ne
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import sys
 
+
+def text_of(stdout: str) -> str:
+    """The generated text of `dllama inference`, without the timing table that follows it."""
+    return re.split(r"\n\n(?: token|prompt:)", stdout)[0]
+
+
+def loopback_text(args: list[str], timeout: float = 180) -> str:
+    """What `dllama inference <args> --local-workers 1` generates: the same 2-node split on loopback. The arithmetic
+    is deterministic, so a run across namespaces must generate exactly this."""
+    r = subprocess.run([sys.executable, "-m", "dllama", "inference", *args, "--local-workers", "1"],
+                       capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return text_of(r.stdout)
 
 def _run(*args: str) -> None:
     r = subprocess.run(args, capture_output=True, text=True)

@@ -10,26 +10,18 @@ import sys
 
 import pytest
 from cgroups import CpuCgroup
-from netns import Star
+from netns import Star, loopback_text, text_of
 
 pytestmark = pytest.mark.netns
 
 PROMPT = "The capital of France is"
 
 
-def text_of(stdout: str) -> str:
-    """The generated text, without the timing table that follows it."""
-    return re.split(r"\n\n(?: token|prompt:)", stdout)[0]
-
-
 def test_two_node_star_with_cpu_budgets_matches_loopback(default_model):
     if os.geteuid() != 0:
         pytest.fail("this test creates network namespaces and cgroups and must run as root (CI does)")
     common = ["--prompt", PROMPT, "--steps", "16", "--temperature", "0", "--nthreads", "1"]
-    # the same 2-node split on loopback: the arithmetic is deterministic, so the emulated cluster must match it
-    local = subprocess.run([sys.executable, "-m", "dllama", "inference", *common, "--local-workers", "1"],
-                           capture_output=True, text=True, timeout=180)  # fmt: skip
-    assert local.returncode == 0, local.stderr
+    local = loopback_text(common, timeout=180)
     with Star(2, rate="1gbit") as star, CpuCgroup(5000, 10000) as cg_root, CpuCgroup(5000, 10000) as cg_worker:
         qdiscs = [subprocess.run(["tc", "-n", ns, "qdisc", "show"], capture_output=True, text=True).stdout
                   for ns in (*star.namespaces, star.ns_switch)]  # fmt: skip
@@ -55,7 +47,7 @@ def test_two_node_star_with_cpu_budgets_matches_loopback(default_model):
         probe = subprocess.run([*star.prefix(0), sys.executable, "-c", "import socket; socket.create_connection("
                                 "('127.0.0.1', 9990), timeout=2)"], capture_output=True, text=True)  # fmt: skip
     assert root.returncode == 0, root.stderr
-    assert text_of(root.stdout) == text_of(local.stdout)
+    assert text_of(root.stdout) == local
     assert text_of(root.stdout).startswith(PROMPT + " Paris")
     m = re.search(r"sent ([\d.]+) kB, received ([\d.]+) kB", root.stdout)
     assert m and float(m.group(1)) > 30  # Q80 partial sums really crossed the bridge

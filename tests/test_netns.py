@@ -10,26 +10,18 @@ import sys
 import time
 
 import pytest
-from netns import VethPair
+from netns import VethPair, loopback_text, text_of
 
 pytestmark = pytest.mark.netns
 
 PROMPT = "The capital of France is"
 
 
-def text_of(stdout: str) -> str:
-    """The generated text, without the timing table that follows it."""
-    return re.split(r"\n\n(?: token|prompt:)", stdout)[0]
-
-
 def test_root_and_worker_in_separate_namespaces(default_model):
     if os.geteuid() != 0:
         pytest.fail("this test creates network namespaces and must run as root (CI does)")
     common = ["--prompt", PROMPT, "--steps", "24", "--temperature", "0", "--nthreads", "1"]
-    # the same 2-node split on loopback: the arithmetic is deterministic, so the veth run must match it exactly
-    local = subprocess.run([sys.executable, "-m", "dllama", "inference", *common, "--local-workers", "1"],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert local.returncode == 0, local.stderr
+    local = loopback_text(common, timeout=120)
     with VethPair(rate="1gbit") as net:
         worker = subprocess.Popen(
             [*net.prefix(net.ns_b), sys.executable, "-m", "dllama", "worker", "--host", net.addr_b, "--port", "9990",
@@ -49,7 +41,7 @@ def test_root_and_worker_in_separate_namespaces(default_model):
             worker.terminate()
             worker.wait(timeout=10)
     assert root.returncode == 0, root.stderr
-    assert text_of(root.stdout) == text_of(local.stdout)
+    assert text_of(root.stdout) == local
     assert text_of(root.stdout).startswith(PROMPT + " Paris")
     m = re.search(r"sent ([\d.]+) kB, received ([\d.]+) kB", root.stdout)
     assert m and float(m.group(1)) > 30  # Q80 partial sums really crossed the veth pair
