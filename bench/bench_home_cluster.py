@@ -282,8 +282,9 @@ def report(results: dict, a) -> None:
     print(f"\nhome cluster: each node {budget:g} core (CFS {a.quota_us}/{a.period_us} us{burst}), --nthreads 1, links "
           f"{a.rate} (tbf, both ways) via a bridge; decode {a.n_decode} tokens, sync {a.buffer_float_type}, "
           f"medians of {a.rounds} rounds")  # fmt: skip
-    head = (f"{'model':<8} {'N':>2} {'tok/s':>6} {'x 1':>5} {'goal':>5} {'Pi 5':>5} {'ms/tok':>7} {'compute':>8} "
-            f"{'sync':>6} {'over/x':>6} {'root kB s/r':>12}  per node: CPU ms (cores) / throttled ms, per token")  # fmt: skip
+    head = (f"{'model':<8} {'N':>2} {'tok/s':>6} {'x 1':>5} {'bound':>5} {'goal':>5} {'Pi 5':>5} {'ms/tok':>7} "
+            f"{'compute':>8} {'sync':>6} {'over/x':>6} {'root kB s/r':>12}  per node: CPU ms (cores) / throttled ms, "
+            f"per token")  # fmt: skip
     print(head)
     for m in a.models:
         base = med([o["decode_tps"] for o in results[(m, 1)]]) if (m, 1) in results else None
@@ -296,15 +297,20 @@ def report(results: dict, a) -> None:
             # what each of the 2L exchanges per token costs beyond a perfect 1/N split of the one-node time
             over = f"{1e3 * (ms - base_ms / n) / (2 * rs[0]['n_layers']):>6.0f}" if base_ms and n > 1 else "     -"
             goal = f"{GOALS[n]:5.1f}" if n in GOALS else "    -"
+            # the most these nodes' CPU time per token allows: each node within its budget, all within the machine
+            cpu = [med([o["node_cpu_ms"][i] for o in rs]) for i in range(n)]
+            floor_ms = max(max(cpu) / budget, sum(cpu) / (os.cpu_count() or 1))
+            bound = f"{base_ms / floor_ms:5.2f}" if base_ms else "    -"
             pi = f"{ORIGINAL_PI5[n] / ORIGINAL_PI5[1]:5.2f}" if n in ORIGINAL_PI5 else "    -"
             nodes = " ".join(f"{med([o['node_cpu_ms'][i] for o in rs]):.1f}({med([o['node_cores'][i] for o in rs]):.2f})"
                              f"/{med([o['node_throttled_ms'][i] for o in rs]):.1f}" for i in range(n))  # fmt: skip
-            print(f"{m:<8} {n:>2} {tps:>6.2f} {ratio} {goal} {pi} {ms:>7.1f} "
+            print(f"{m:<8} {n:>2} {tps:>6.2f} {ratio} {bound} {goal} {pi} {ms:>7.1f} "
                   f"{med([o['compute_ms'] for o in rs]):>8.1f} {med([o['sync_ms'] for o in rs]):>6.1f} {over} "
                   f"{med([o['sent_per_token'] for o in rs]) / 1e3:>5.1f}/{med([o['recv_per_token'] for o in rs]) / 1e3:<6.1f}"
                   f"  {nodes}")  # fmt: skip
     print("(ms/tok, compute, sync: the root's median / mean ms per token; over/x: us per exchange beyond a perfect "
-          "split of the one-node time)")
+          "split of the one-node time;\n bound: the speed-up the nodes' CPU ms per token would allow at best, each node "
+          f"at its {budget:g} core and all of them on the machine's {os.cpu_count()} cores)")
     loads = [o["load_avg"] for rs in results.values() for o in rs]
     print(f"load average during the runs: {min(loads):.1f} .. {max(loads):.1f}")
 
