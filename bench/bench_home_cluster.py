@@ -289,6 +289,7 @@ def report(results: dict, a) -> None:
     for m in a.models:
         base = med([o["decode_tps"] for o in results[(m, 1)]]) if (m, 1) in results else None
         base_ms = med([o["ms_median"] for o in results[(m, 1)]]) if (m, 1) in results else None
+        base_cpu = med([o["node_cpu_ms"][0] for o in results[(m, 1)]]) if (m, 1) in results else None
         for n in a.nodes:
             rs = results[(m, n)]
             tps = med([o["decode_tps"] for o in rs])
@@ -300,7 +301,7 @@ def report(results: dict, a) -> None:
             # the most these nodes' CPU time per token allows: each node within its budget, all within the machine
             cpu = [med([o["node_cpu_ms"][i] for o in rs]) for i in range(n)]
             floor_ms = max(max(cpu) / budget, sum(cpu) / (os.cpu_count() or 1))
-            bound = f"{base_ms / floor_ms:5.2f}" if base_ms else "    -"
+            bound = f"{base_cpu / budget / floor_ms:5.2f}" if base_cpu else "    -"
             pi = f"{ORIGINAL_PI5[n] / ORIGINAL_PI5[1]:5.2f}" if n in ORIGINAL_PI5 else "    -"
             nodes = " ".join(f"{med([o['node_cpu_ms'][i] for o in rs]):.1f}({med([o['node_cores'][i] for o in rs]):.2f})"
                              f"/{med([o['node_throttled_ms'][i] for o in rs]):.1f}" for i in range(n))  # fmt: skip
