@@ -3,8 +3,8 @@
  * The caller's thread is thread 0 and runs chunks too, so nthreads=1 creates no thread. Every task's chunks are cut
  * into one contiguous range per thread: a thread streams its range front to back (one long sequential read of its
  * weight rows, which the hardware prefetcher follows; chunks handed out round-robin made every thread's stream
- * jump at each chunk), and a thread done with its range takes chunks from the back of the others'. So a worker the
- * OS has descheduled (more nodes than cores) only delays the chunk it is running. Each range is one 64-bit atomic
+ * jump at each chunk), and a thread done with its range takes the back half of another's. So a worker the OS has
+ * descheduled (more nodes than cores) only delays the chunk it is running. Each range is one 64-bit atomic
  * (task generation | front | back): a late worker can never claim a chunk of a newer task with an older task's
  * function. Workers spin for 0.2 ms after a task (the ops of one forward pass follow each other within
  * microseconds), then sleep on a condition variable: an idle node burns no CPU between tokens. */
@@ -42,6 +42,7 @@ struct pool {
     atomic_int stop;
     chunk_fn fn;
     void *arg;
+    atomic_int nchunks; /* read by thieves before they hold a chunk: a stale value only makes a worse split */
     _Alignas(64) atomic_int done;  /* chunks finished in the current task (added once per thread and task) */
     atomic_int sleepers;
     pthread_mutex_t mu;
@@ -64,35 +65,56 @@ static long long now_ns(void) {
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* the next chunk of range `i` for generation `gen`, from its front (owner) or back (thief); -1 when none */
-static inline int claim(pool *p, int i, uint32_t gen, int from_back) {
-    _Atomic uint64_t *r = &p->ranges[i].r;
+/* the front chunk of our own range for generation `gen`, or -1 when it is empty */
+static inline int claim(pool *p, int ith, uint32_t gen) {
+    _Atomic uint64_t *r = &p->ranges[ith].r;
     uint64_t s = atomic_load_explicit(r, memory_order_acquire);
     for (;;) {
-        if (r_gen(s) != (gen & 0xFFFFFF)) return -1;
-        const uint32_t f = r_front(s), b = r_back(s);
-        if (f >= b) return -1;
-        const uint64_t ns = from_back ? r_pack(gen, f, b - 1) : r_pack(gen, f + 1, b);
-        if (atomic_compare_exchange_weak_explicit(r, &s, ns, memory_order_acq_rel, memory_order_acquire))
-            return from_back ? (int)b - 1 : (int)f;
+        if (r_gen(s) != (gen & 0xFFFFFF) || r_front(s) >= r_back(s)) return -1;
+        if (atomic_compare_exchange_weak_explicit(r, &s, r_pack(gen, r_front(s) + 1, r_back(s)), memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return (int)r_front(s);
     }
 }
 
-/* run chunks of generation `gen`: our own range first, then the others' from their back. fn and arg are read only
- * once a chunk is claimed: the task is then unfinished, so pool_run cannot be writing the next task's. */
+/* our range is empty: take the back half of another thread's range (all of it if its owner has not started: it is
+ * most likely descheduled), make all but its first chunk our range (a contiguous piece again, open to thieves in
+ * turn) and return that first chunk; -1 when every range is empty. A thread left alone (the others descheduled)
+ * thus reads the whole task front to back, like one thread. */
+static int steal(pool *p, int ith, uint32_t gen) {
+    for (int k = 1; k < p->n; k++) {
+        const int v = (ith + k) % p->n;
+        _Atomic uint64_t *r = &p->ranges[v].r;
+        uint64_t s = atomic_load_explicit(r, memory_order_acquire);
+        for (;;) {
+            const uint32_t f = r_front(s), b = r_back(s);
+            if (r_gen(s) != (gen & 0xFFFFFF) || f >= b) break;
+            const int n = atomic_load_explicit(&p->nchunks, memory_order_relaxed);
+            const uint32_t start = (uint32_t)((long long)n * v / p->n); /* its front when the task began */
+            const uint32_t mid = f == start ? f : f + (b - f) / 2; /* the owner keeps [f, mid), we take [mid, b) */
+            if (atomic_compare_exchange_weak_explicit(r, &s, r_pack(gen, f, mid), memory_order_acq_rel,
+                                                      memory_order_acquire)) {
+                /* only we write our own range while it is empty (thieves skip empty ranges) */
+                atomic_store_explicit(&p->ranges[ith].r, r_pack(gen, mid + 1, b), memory_order_release);
+                return (int)mid;
+            }
+        }
+    }
+    return -1;
+}
+
+/* run chunks of generation `gen`: our own range front to back, then stolen ones. fn and arg are read only once a
+ * chunk is claimed: the task is then unfinished, so pool_run cannot be writing the next task's. */
 static void work(pool *p, uint32_t gen, int ith) {
     chunk_fn fn = NULL;
     void *arg = NULL;
     int ran = 0;
-    for (int k = 0; k < p->n; k++) {
-        const int v = (ith + k) % p->n;
-        for (int c; (c = claim(p, v, gen, k > 0)) >= 0; ran++) {
-            if (!fn) {
-                fn = p->fn;
-                arg = p->arg;
-            }
-            fn(arg, c, ith);
+    for (int c; (c = claim(p, ith, gen)) >= 0 || (c = steal(p, ith, gen)) >= 0; ran++) {
+        if (!fn) {
+            fn = p->fn;
+            arg = p->arg;
         }
+        fn(arg, c, ith);
     }
     if (ran) atomic_fetch_add_explicit(&p->done, ran, memory_order_release);
 }
@@ -128,8 +150,9 @@ static void *worker_main(void *varg) {
 }
 
 pool *pool_create(int nthreads) {
-    pool *p = (pool *)calloc(1, sizeof(pool));
+    pool *p = (pool *)aligned_alloc(64, (sizeof(pool) + 63) / 64 * 64); /* its atomics on their own cache lines */
     if (!p) return NULL;
+    memset(p, 0, sizeof(pool));
     p->n = nthreads < 1 ? 1 : nthreads;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
@@ -176,6 +199,7 @@ void pool_run(pool *p, chunk_fn fn, void *arg, int nchunks) {
     }
     p->fn = fn;
     p->arg = arg;
+    atomic_store_explicit(&p->nchunks, nchunks, memory_order_relaxed);
     atomic_store_explicit(&p->done, 0, memory_order_relaxed);
     const uint32_t gen = (atomic_load_explicit(&p->gen, memory_order_relaxed) + 1) & 0xFFFFFF;
     for (int i = 0; i < p->n; i++) /* thread i: chunks [i n / N, (i + 1) n / N) */
