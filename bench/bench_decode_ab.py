@@ -97,7 +97,7 @@ def main() -> None:
         from bandwidth import measure_bandwidth
 
         time.sleep(0.2)
-        bw = measure_bandwidth(args.threads, 1.0)
+        bw = measure_bandwidth(args.threads)  # the 2 GiB of bench_single.py: the same limit
     print(f"model {os.path.basename(args.model)}, {args.threads} threads, {args.turns} turns x {args.tokens} tokens"
           + (f", read bandwidth {bw:.1f} GB/s (limit {bw * 1e9 / per_token:.1f} tok/s)" if bw else ""))  # fmt: skip
     for name, src in (("A", args.a), ("B", args.b)):
