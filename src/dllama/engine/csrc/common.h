@@ -233,6 +233,11 @@ typedef struct {
 void act_prepare(act *a, const float *x, int T, int cols, block_q8_0 *qbuf, float *sbuf, float *dbuf, int need_quant);
 /* y[t*ldy + r] = W[r] . x[t] for every job; rows of all jobs split across the pool */
 void matmul(pool *p, const act *a, int njobs, const tensor *w, float *const *y, const int *ldy);
+/* the same, then epi(ctx, job, r0, r1) on the thread that computed rows [r0, r1) of a job, right after them (its
+ * outputs are in cache); every chunk's rows start at a multiple of `unit` (a multiple of 16, or 1) */
+typedef void (*rows_fn)(void *ctx, int job, int r0, int r1);
+void matmul_epi(pool *p, const act *a, int njobs, const tensor *w, float *const *y, const int *ldy, int unit, rows_fn epi,
+                void *ctx);
 /* gate/up pair fused with silu: g[t*ldh + r] = silu(Wg[r].x[t]) * (Wu[r].x[t]) */
 void matmul_swiglu(pool *p, const act *a, const tensor *wg, const tensor *wu, float *g, int ldh);
 

@@ -265,15 +265,47 @@ void rope_rows_neox(float *x, int n_heads, int head_dim, const float *cos_t, con
     }
 }
 
-static void add_rows(float *y, const float *bias, int T, int n) {
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < n; i++) y[(size_t)t * n + i] += bias[i];
+/* what follows Wq/Wk/Wv on a chunk of heads, run by the thread that computed them (see matmul_epi): bias, per-head
+ * norm (Qwen3) and rope of q and k, then k and v into the KV cache. Per head and row, so the same arithmetic as
+ * one pass over every head, whichever thread runs which heads. */
+typedef struct {
+    engine *e;
+    int l, pos, T;
+} qkv_ctx;
+
+static void qkv_rows(void *varg, int job, int r0, int r1) {
+    const qkv_ctx *x = (const qkv_ctx *)varg;
+    engine *e = x->e;
+    const engine_config *c = &e->c;
+    const int hd = c->head_dim, half = hd / 2, n = job == 0 ? c->n_heads * hd : c->n_kv_heads * hd;
+    float *const y = job == 0 ? e->q : job == 1 ? e->k : e->v;
+    const float *bias = c->attn_bias ? (const float *)LT(e, x->l, S_Q_BIAS + job)->data : NULL;
+    const float *norm = c->qk_norm && job < 2 ? (const float *)LT(e, x->l, job == 0 ? S_Q_NORM : S_K_NORM)->data : NULL;
+    const size_t rb = row_bytes(c->kv_type, hd);
+    uint8_t *const cache = (job == 1 ? e->kc : e->vc) + (size_t)x->l * c->n_kv_heads * c->max_seq * rb;
+    for (int t = 0; t < x->T; t++) {
+        const size_t p = (size_t)(x->pos + t);
+        float *row = y + (size_t)t * n;
+        if (bias)
+            for (int i = r0; i < r1; i++) row[i] += bias[i];
+        for (int h = r0 / hd; h < r1 / hd; h++) {
+            float *v = row + (size_t)h * hd;
+            if (job < 2) {
+                if (norm) rmsnorm(v, v, norm, hd, c->eps);
+                if (c->rope_neox) rope_rows_neox(v, 1, hd, e->cos_t + p * half, e->sin_t + p * half);
+                else rope_rows(v, 1, hd, e->cos_t + p * half, e->sin_t + p * half);
+            }
+            if (job > 0) kv_store(c->kv_type, cache + ((size_t)h * c->max_seq + p) * rb, v, hd);
+        }
+    }
 }
+
+static int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
 
 /* out[0:T] = this node's partial sum of the attention block of layer l */
 static void run_attn(engine *e, int l, int pos, int T) {
     const engine_config *c = &e->c;
-    const int dim = c->dim, hd = c->head_dim, half = hd / 2, nh = c->n_heads, nkv = c->n_kv_heads;
+    const int dim = c->dim, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
     const int qd = nh * hd, kd = nkv * hd;
     const tensor *wq = LT(e, l, S_Q), *wk = LT(e, l, S_K), *wv = LT(e, l, S_V), *wo = LT(e, l, S_O);
     const float *norm = (const float *)LT(e, l, S_ATTN_NORM)->data;
@@ -284,36 +316,10 @@ static void run_attn(engine *e, int l, int pos, int T) {
     const tensor w3[3] = {*wq, *wk, *wv};
     float *const y3[3] = {e->q, e->k, e->v};
     const int ld3[3] = {qd, kd, kd};
-    matmul(e->pool, &a, 3, w3, y3, ld3);
-    if (c->attn_bias) {
-        add_rows(e->q, (const float *)LT(e, l, S_Q_BIAS)->data, T, qd);
-        add_rows(e->k, (const float *)LT(e, l, S_K_BIAS)->data, T, kd);
-        add_rows(e->v, (const float *)LT(e, l, S_V_BIAS)->data, T, kd);
-    }
-    const float *qn = c->qk_norm ? (const float *)LT(e, l, S_Q_NORM)->data : NULL;
-    const float *kn = c->qk_norm ? (const float *)LT(e, l, S_K_NORM)->data : NULL;
-    const size_t rb = row_bytes(c->kv_type, hd);
-    const size_t layer_off = (size_t)l * nkv * c->max_seq * rb; /* bytes */
-    for (int t = 0; t < T; t++) {
-        const size_t p = (size_t)(pos + t);
-        float *qt = e->q + (size_t)t * qd, *kt = e->k + (size_t)t * kd;
-        if (qn) {
-            for (int h = 0; h < nh; h++) rmsnorm(qt + (size_t)h * hd, qt + (size_t)h * hd, qn, hd, c->eps);
-            for (int h = 0; h < nkv; h++) rmsnorm(kt + (size_t)h * hd, kt + (size_t)h * hd, kn, hd, c->eps);
-        }
-        if (c->rope_neox) {
-            rope_rows_neox(qt, nh, hd, e->cos_t + p * half, e->sin_t + p * half);
-            rope_rows_neox(kt, nkv, hd, e->cos_t + p * half, e->sin_t + p * half);
-        } else {
-            rope_rows(qt, nh, hd, e->cos_t + p * half, e->sin_t + p * half);
-            rope_rows(kt, nkv, hd, e->cos_t + p * half, e->sin_t + p * half);
-        }
-        for (int h = 0; h < nkv; h++) {
-            const size_t dst = layer_off + ((size_t)h * c->max_seq + p) * rb;
-            kv_store(c->kv_type, e->kc + dst, kt + (size_t)h * hd, hd);
-            kv_store(c->kv_type, e->vc + dst, e->v + (size_t)t * kd + (size_t)h * hd, hd);
-        }
-    }
+    qkv_ctx qc = {e, l, pos, T};
+    /* chunks of whole heads, starting on 16-row tiles: the unit is lcm(16, head_dim) */
+    matmul_epi(e->pool, &a, 3, w3, y3, ld3, 16 / gcd(16, hd) * hd, qkv_rows, &qc);
+    const size_t layer_off = (size_t)l * nkv * c->max_seq * row_bytes(c->kv_type, hd); /* bytes */
     attention(e->pool, e->q, e->kc + layer_off, e->vc + layer_off, c->kv_type, e->att,
               e->scratch, T, pos, nh, nkv, hd, c->max_seq);
     act_prepare(&a, e->att, T, qd, e->xq, e->xs, e->xd, type_is_quant(wo->type));

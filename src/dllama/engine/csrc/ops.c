@@ -62,6 +62,8 @@ typedef struct {
     const int *ldy;
     int ch;
     int first[4]; /* first chunk index of each job: chunks never straddle two jobs, so each starts 8-aligned */
+    rows_fn epi;
+    void *ctx;
 } mm_args;
 
 static void mm_task(void *varg, int chunk, int ith) {
@@ -71,20 +73,28 @@ static void mm_task(void *varg, int chunk, int ith) {
     while (j + 1 < m->njobs && chunk >= m->first[j + 1]) j++;
     const int start = (chunk - m->first[j]) * m->ch;
     const int end = start + m->ch < m->w[j].rows ? start + m->ch : m->w[j].rows;
-    if (start < end) dot_rows(m->a, &m->w[j], start, end, m->y[j], m->ldy[j]);
+    if (start >= end) return;
+    dot_rows(m->a, &m->w[j], start, end, m->y[j], m->ldy[j]);
+    if (m->epi) m->epi(m->ctx, j, start, end);
 }
 
-void matmul(pool *p, const act *a, int njobs, const tensor *w, float *const *y, const int *ldy) {
-    mm_args m = {a, njobs, w, y, ldy, 0, {0}};
+void matmul_epi(pool *p, const act *a, int njobs, const tensor *w, float *const *y, const int *ldy, int unit, rows_fn epi,
+                void *ctx) {
+    mm_args m = {a, njobs, w, y, ldy, 0, {0}, epi, ctx};
     int total = 0;
     for (int j = 0; j < njobs; j++) total += w[j].rows;
     m.ch = chunk_rows(p, total);
+    if (unit > 1) m.ch = (m.ch + unit - 1) / unit * unit;
     int n = 0;
     for (int j = 0; j < njobs; j++) {
         m.first[j] = n;
         n += (w[j].rows + m.ch - 1) / m.ch;
     }
     pool_run(p, mm_task, &m, n);
+}
+
+void matmul(pool *p, const act *a, int njobs, const tensor *w, float *const *y, const int *ldy) {
+    matmul_epi(p, a, njobs, w, y, ldy, 1, NULL, NULL);
 }
 
 typedef struct {
