@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
+from bandwidth import measure_bandwidth  # noqa: E402
 from models import MODELS, synthetic_1b  # noqa: E402
 
 # the original Distributed Llama on Raspberry Pi 5 (seed tables): tok/s on 1, 2, 4 nodes
@@ -250,6 +251,9 @@ def main() -> None:
         setups += [(m, n, other) for m in a.models for n in a.nodes if n > 1]
     results: dict = {s: [] for s in setups}
     print(f"load before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    # every emulated node streams its weights through the one memory bus of this machine: measured before and after
+    bw_threads = sorted({1} | {min(n, os.cpu_count() or 1) for n in a.nodes})
+    bw_runs = [{t: measure_bandwidth(t) for t in bw_threads}]
     rate = None if a.rate == "none" else a.rate
     cluster = HomeCluster(max(a.nodes), a.quota_us, a.period_us, a.burst_us, rate, a.pin)
     try:
@@ -266,6 +270,8 @@ def main() -> None:
         raise SystemExit(130) from None
     finally:
         cluster.close()
+    bw_runs.append({t: measure_bandwidth(t) for t in bw_threads})
+    a.bandwidth = {t: statistics.mean(r[t] for r in bw_runs) for t in bw_threads}
     if a.json:
         with open(a.json, "w") as f:
             json.dump({f"{m} x{n}{' ' + src if src else ''}": v for (m, n, src), v in results.items()}, f)
@@ -282,7 +288,10 @@ def report(results: dict, a) -> None:
     print(f"\nhome cluster: each node {budget:g} core (CFS {a.quota_us}/{a.period_us} us{burst}), --nthreads 1, links "
           f"{a.rate} (tbf, both ways) via a bridge; decode {a.n_decode} tokens, sync {a.buffer_float_type}, "
           f"medians of {a.rounds} rounds")  # fmt: skip
-    head = (f"{'model':<8} {'N':>2} {'tok/s':>6} {'x 1':>5} {'bound':>5} {'goal':>5} {'Pi 5':>5} {'ms/tok':>7} "
+    bw = a.bandwidth
+    print("memory read bandwidth (bandwidth.py, before and after the runs): "
+          + ", ".join(f"{t} thread{'s' if t > 1 else ''} {v:.1f} GB/s" for t, v in bw.items()))
+    head = (f"{'model':<8} {'N':>2} {'tok/s':>6} {'x 1':>5} {'bound':>5} {'mem':>5} {'goal':>5} {'Pi 5':>5} {'ms/tok':>7} "
             f"{'compute':>8} {'sync':>6} {'over/x':>6} {'root kB s/r':>12}  per node: CPU ms (cores) / throttled ms, "
             f"per token")  # fmt: skip
     print(head)
@@ -302,16 +311,22 @@ def report(results: dict, a) -> None:
             cpu = [med([o["node_cpu_ms"][i] for o in rs]) for i in range(n)]
             floor_ms = max(max(cpu) / budget, sum(cpu) / (os.cpu_count() or 1))
             bound = f"{base_cpu / budget / floor_ms:5.2f}" if base_cpu else "    -"
+            # if decoding only streamed weights: one node reads at the 1-thread rate for `budget` of the time; N
+            # nodes read at most N x that, and never more than the machine's bus gives min(N, cores) threads
+            r1 = bw[1]
+            mem = min(bw[min(n, os.cpu_count() or 1)], n * budget * r1) / (budget * r1)
             pi = f"{ORIGINAL_PI5[n] / ORIGINAL_PI5[1]:5.2f}" if n in ORIGINAL_PI5 else "    -"
             nodes = " ".join(f"{med([o['node_cpu_ms'][i] for o in rs]):.1f}({med([o['node_cores'][i] for o in rs]):.2f})"
                              f"/{med([o['node_throttled_ms'][i] for o in rs]):.1f}" for i in range(n))  # fmt: skip
-            print(f"{m:<8} {n:>2} {tps:>6.2f} {ratio} {bound} {goal} {pi} {ms:>7.1f} "
+            print(f"{m:<8} {n:>2} {tps:>6.2f} {ratio} {bound} {mem:5.2f} {goal} {pi} {ms:>7.1f} "
                   f"{med([o['compute_ms'] for o in rs]):>8.1f} {med([o['sync_ms'] for o in rs]):>6.1f} {over} "
                   f"{med([o['sent_per_token'] for o in rs]) / 1e3:>5.1f}/{med([o['recv_per_token'] for o in rs]) / 1e3:<6.1f}"
                   f"  {nodes}")  # fmt: skip
     print("(ms/tok, compute, sync: the root's median / mean ms per token; over/x: us per exchange beyond a perfect "
           "split of the one-node time;\n bound: the speed-up the nodes' CPU ms per token would allow at best, each node "
-          f"at its {budget:g} core and all of them on the machine's {os.cpu_count()} cores)")
+          f"at its {budget:g} core and all of them on the machine's {os.cpu_count()} cores;\n mem: the speed-up the "
+          "machine's memory bus allows if decoding were purely memory-bound: the emulated nodes share one bus, real "
+          "machines each have their own)")
     loads = [o["load_avg"] for rs in results.values() for o in rs]
     print(f"load average during the runs: {min(loads):.1f} .. {max(loads):.1f}")
 
