@@ -16,7 +16,7 @@ from dllama.net import _mesh
 from dllama.net import messages as M
 
 
-def make_meshes(n: int, mode: str):
+def make_meshes(n: int, mode: str, spin_us: int = 0):
     socks: dict[tuple[int, int], socket.socket] = {}
     for i in range(n):
         for j in range(i + 1, n):
@@ -33,14 +33,15 @@ def make_meshes(n: int, mode: str):
                 socks[i, j].setblocking(False)
                 fds.append(socks[i, j].fileno())
                 ks.append(None if mode == "none" else (keys[i, j], keys[j, i], mode == "aes-gcm"))
-        meshes.append(_mesh.TcpMesh(fds, i, M.PARTIAL_PREFIX, M.EXPLAIN_TYPES, 10_000, ks))
+        meshes.append(_mesh.TcpMesh(fds, i, M.PARTIAL_PREFIX, M.EXPLAIN_TYPES, 10_000, ks, spin_us))
     return meshes, list(socks.values())
 
 
+@pytest.mark.parametrize("spin_us", [0, 50, 100_000])  # never spin, the default, spin through the late node's sleep
 @pytest.mark.parametrize("mode", ["none", "gmac", "aes-gcm"])
 @pytest.mark.parametrize("n,nbytes,steps", [(2, 612, 200), (4, 2176, 100), (3, 3 << 20, 4)])
-def test_every_node_gets_every_other_nodes_bytes(mode, n, nbytes, steps):
-    meshes, socks = make_meshes(n, mode)
+def test_every_node_gets_every_other_nodes_bytes(mode, n, nbytes, steps, spin_us):
+    meshes, socks = make_meshes(n, mode, spin_us)
     sent = [[os.urandom(nbytes) for _ in range(steps)] for _ in range(n)]
     got: list[list[bytes]] = [[] for _ in range(n)]
     errors: list[BaseException] = []
@@ -69,8 +70,9 @@ def test_every_node_gets_every_other_nodes_bytes(mode, n, nbytes, steps):
             assert got[i][s] == want, (i, s)
 
 
-def test_a_step_mismatch_is_a_bad_frame():
-    meshes, socks = make_meshes(2, "gmac")
+@pytest.mark.parametrize("spin_us", [0, 100_000])
+def test_a_step_mismatch_is_a_bad_frame(spin_us):
+    meshes, socks = make_meshes(2, "gmac", spin_us)
     errors = []
 
     def node(i: int, step: int) -> None:
@@ -87,3 +89,30 @@ def test_a_step_mismatch_is_a_bad_frame():
     for s in socks:
         s.close()
     assert sorted(errors) == [(0, _mesh.BADFRAME, 0), (1, _mesh.BADFRAME, 0)]
+
+
+@pytest.mark.parametrize("spin_us", [0, 100_000])
+def test_a_peer_that_goes_away_while_we_wait_is_named(spin_us):
+    """Node 1 closes its socket instead of sending: node 0, spinning or asleep in poll(), names the link."""
+    meshes, socks = make_meshes(2, "gmac", spin_us)
+    timer = threading.Timer(0.05, socks[1].close)  # socks: [node 0's end, node 1's end]
+    timer.start()
+    with pytest.raises(RuntimeError) as e:
+        meshes[0].exchange(b"x" * 100, 7)
+    timer.join()
+    for s in socks:
+        s.close()
+    # the peer closed with our frame unread: a reset (SOCKERR) rather than a clean end (CLOSED); either names node 1
+    assert e.value.args[0] == 1 and e.value.args[1] in (_mesh.CLOSED, _mesh.SOCKERR), e.value.args
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "2000000", "1.5"])
+def test_a_bad_spin_setting_is_one_clear_error(monkeypatch, value):
+    from dllama.errors import DllamaError
+    from dllama.net.mesh import spin_us
+
+    monkeypatch.setenv("DLLAMA_SPIN_US", value)
+    with pytest.raises(DllamaError, match="DLLAMA_SPIN_US"):
+        spin_us()
+    monkeypatch.setenv("DLLAMA_SPIN_US", "0")
+    assert spin_us() == 0
