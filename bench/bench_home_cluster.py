@@ -324,9 +324,9 @@ def report(results: dict, a) -> None:
                   f"  {nodes}")  # fmt: skip
     print("(ms/tok, compute, sync: the root's median / mean ms per token; over/x: us per exchange beyond a perfect "
           "split of the one-node time;\n bound: the speed-up the nodes' CPU ms per token would allow at best, each node "
-          f"at its {budget:g} core and all of them on the machine's {os.cpu_count()} cores;\n mem: the speed-up the "
-          "machine's memory bus allows if decoding were purely memory-bound: the emulated nodes share one bus, real "
-          "machines each have their own)")
+          f"at its {budget:g} core and all of them on the machine's {os.cpu_count()} cores;\n mem: an estimate of "
+          "the speed-up the machine's memory bus allows if decoding were purely memory-bound: the emulated nodes share "
+          "one bus, real machines each have their own)")
     loads = [o["load_avg"] for rs in results.values() for o in rs]
     print(f"load average during the runs: {min(loads):.1f} .. {max(loads):.1f}")
 
