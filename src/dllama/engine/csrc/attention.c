@@ -256,6 +256,7 @@ static void att_scores_avx(int type, const float *q, const block_q8_0 *qq, const
         __m256 a[8];
         for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
         const uint8_t *k0 = k + (size_t)s * rb;
+        for (size_t o = 0; o < 8 * rb; o += 64) PREFETCH_AHEAD(k0 + o); /* the cache streams like weights */
         if (type == T_Q8_0) {
             for (int b = 0; b < hd / QK; b++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)qq[b].qs);
@@ -310,6 +311,8 @@ static inline __attribute__((always_inline)) void att_values_avx(int type, const
             for (int r = 0; r < 4; r++) a[i][r] = _mm256_loadu_ps(acc + (size_t)i * hd + d0 + 8 * r);
         for (int s = 0; s < n; s++) {
             const uint8_t *vr = v + (size_t)s * rb;
+            if (d0 == 0)
+                for (size_t o = 0; o < rb; o += 64) PREFETCH_AHEAD(vr + o);
             __m256 x[4];
             float dscale = 1.0f;
             if (type == T_F32) {
@@ -343,6 +346,7 @@ static void att_scores_512(int type, const float *q, const uint8_t *k, size_t rb
         __m512 a[8];
         for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_ps();
         const uint8_t *k0 = k + (size_t)s * rb;
+        for (size_t o = 0; o < 8 * rb; o += 64) PREFETCH_AHEAD(k0 + o); /* the cache streams like weights */
         for (int d = 0; d < hd; d += 16) {
             const __m512 qv = _mm512_loadu_ps(q + d);
             for (int j = 0; j < 8; j++) {
@@ -367,6 +371,8 @@ static inline __attribute__((always_inline)) void att_values_512(int type, const
             for (int r = 0; r < 2; r++) a[i][r] = _mm512_loadu_ps(acc + (size_t)i * hd + d0 + 16 * r);
         for (int s = 0; s < n; s++) {
             const uint8_t *vr = v + (size_t)s * rb;
+            if (d0 == 0)
+                for (size_t o = 0; o < rb; o += 64) PREFETCH_AHEAD(vr + o);
             __m512 x[2];
             float dscale = 1.0f;
             if (type == T_F32) {

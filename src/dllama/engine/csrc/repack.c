@@ -129,6 +129,8 @@ static ALWAYS_INLINE void x8_ymm(const int type, const uint8_t *grp, int nb, con
     for (int t = 0; t < NT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = grp + (size_t)b * xb;
+        if (inl)
+            for (size_t o = 0; o < xb; o += 64) PREFETCH_AHEAD(blk + o); /* decode: see DECODE_PF */
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         __m256i w[8];
         if (q8) {
