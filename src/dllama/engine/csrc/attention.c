@@ -293,10 +293,11 @@ static void att_scores_avx(int type, const float *q, const block_q8_0 *qq, const
     for (; s < n; s++) {
         const uint8_t *kr = k + (size_t)s * rb;
         if (type == T_Q8_0) out[s] = att_dot_q8((const block_q8_0 *)kr, qq, qd, hd / QK, SIMD_AVX2 + (simd == SIMD_AVX512VNNI)) * scale;
-        else if (type == T_F16) {
-            float a = 0.0f;
-            for (int d = 0; d < hd; d++) a += q[d] * _cvtsh_ss(((const uint16_t *)kr)[d]);
-            out[s] = a * scale;
+        else if (type == T_F16) { /* a decode step always has n % 8 of these (hd % 8 == 0 here) */
+            __m256 a = _mm256_setzero_ps();
+            for (int d = 0; d < hd; d += 8)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)kr + d))), a);
+            out[s] = att_hsum(a) * scale;
         } else out[s] = att_dot(q, (const float *)kr, hd, SIMD_AVX2) * scale;
     }
 }
