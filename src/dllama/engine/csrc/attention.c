@@ -302,9 +302,23 @@ static void att_scores_avx(int type, const float *q, const block_q8_0 *qq, const
     }
 }
 
+/* one loop per (cache type, query count): constants let the compiler drop the per-key type tests */
+#define ATT_NQ_CASES(CALL, TYPE) \
+    if (nq == 3) CALL(TYPE, 3);     \
+    else if (nq == 2) CALL(TYPE, 2); \
+    else CALL(TYPE, 1);
+#define ATT_TYPE_CASES(CALL)      \
+    if (type == T_F16) {          \
+        ATT_NQ_CASES(CALL, T_F16) \
+    } else if (type == T_F32) {   \
+        ATT_NQ_CASES(CALL, T_F32) \
+    } else {                      \
+        ATT_NQ_CASES(CALL, T_Q8_0) \
+    }
+
 /* acc[i] += sum_s P[i][s] * v_s for nq (<= 3) queries and n value rows; hd % 32 == 0. The accumulators of a
  * 32-wide column strip stay in registers over the whole block; Q8_0 rows fold the block scale into the weight. */
-static inline __attribute__((always_inline)) void att_values_avx(int type, const float *P, int ldp, int nq, const uint8_t *v, size_t rb, int n, int hd,
+static inline __attribute__((always_inline)) void att_values_avx_t(const int type, const float *P, int ldp, const int nq, const uint8_t *v, size_t rb, int n, int hd,
                            float *acc) {
     for (int d0 = 0; d0 < hd; d0 += 32) {
         __m256 a[3][4];
@@ -312,7 +326,7 @@ static inline __attribute__((always_inline)) void att_values_avx(int type, const
             for (int r = 0; r < 4; r++) a[i][r] = _mm256_loadu_ps(acc + (size_t)i * hd + d0 + 8 * r);
         for (int s = 0; s < n; s++) {
             const uint8_t *vr = v + (size_t)s * rb;
-            if (d0 == 0)
+            if (d0 == 0) /* the first strip reads each row from memory: keep the stream ahead */
                 for (size_t o = 0; o < rb; o += 64) PREFETCH_AHEAD(vr + o);
             __m256 x[4];
             float dscale = 1.0f;
@@ -335,36 +349,62 @@ static inline __attribute__((always_inline)) void att_values_avx(int type, const
             for (int r = 0; r < 4; r++) _mm256_storeu_ps(acc + (size_t)i * hd + d0 + 8 * r, a[i][r]);
     }
 }
+
+static void att_values_avx(int type, const float *P, int ldp, int nq, const uint8_t *v, size_t rb, int n, int hd, float *acc) {
+#define ATT_VA(T, NQ) att_values_avx_t(T, P, ldp, NQ, v, rb, n, hd, acc)
+    ATT_TYPE_CASES(ATT_VA)
+#undef ATT_VA
+}
 #endif
 
 #if defined(ATT_VNNI) && defined(__AVX512F__) && defined(__AVX512DQ__)
 #define ATT_512 1
 /* AVX-512 forms of the F32 / F16 block kernels (hd % 16 == 0): half the instructions per key */
-static void att_scores_512(int type, const float *q, const uint8_t *k, size_t rb, int n, int hd, float scale, float *out) {
+/* S[i][s] = scale * q_i . k_s for NQ (1-3) queries that see the same n keys (the heads of one GQA group at one
+ * token): each K row is read and converted once for all of them. Every score follows the one-query sequence
+ * (FMAs over d in order, then the same reduction), so grouping never changes a bit. */
+static inline __attribute__((always_inline)) void att_scores_512_nq(int type, const float *const *q, const int NQ,
+                                                                    const uint8_t *k, size_t rb, int n, int hd,
+                                                                    float scale, float *S, int lds) {
     const __m256 sv = _mm256_set1_ps(scale);
     int s = 0;
     for (; s + 8 <= n; s += 8) {
-        __m512 a[8];
-        for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_ps();
+        __m512 a[3][8];
+        for (int i = 0; i < NQ; i++)
+            for (int j = 0; j < 8; j++) a[i][j] = _mm512_setzero_ps();
         const uint8_t *k0 = k + (size_t)s * rb;
         for (size_t o = 0; o < 8 * rb; o += 64) PREFETCH_AHEAD(k0 + o); /* the cache streams like weights */
         for (int d = 0; d < hd; d += 16) {
-            const __m512 qv = _mm512_loadu_ps(q + d);
             for (int j = 0; j < 8; j++) {
                 const uint8_t *kr = k0 + (size_t)j * rb;
                 const __m512 kv = type == T_F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kr + d)))
                                                 : _mm512_loadu_ps((const float *)kr + d);
-                a[j] = _mm512_fmadd_ps(qv, kv, a[j]);
+                for (int i = 0; i < NQ; i++) a[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(q[i] + d), kv, a[i][j]);
             }
         }
-        __m256 h[8];
-        for (int j = 0; j < 8; j++) h[j] = _mm256_add_ps(_mm512_castps512_ps256(a[j]), _mm512_extractf32x8_ps(a[j], 1));
-        _mm256_storeu_ps(out + s, _mm256_mul_ps(att_hsum8x8(h), sv));
+        for (int i = 0; i < NQ; i++) {
+            __m256 h[8];
+            for (int j = 0; j < 8; j++) h[j] = _mm256_add_ps(_mm512_castps512_ps256(a[i][j]), _mm512_extractf32x8_ps(a[i][j], 1));
+            _mm256_storeu_ps(S + (size_t)i * lds + s, _mm256_mul_ps(att_hsum8x8(h), sv));
+        }
     }
-    if (s < n) att_scores_avx(type, q, NULL, NULL, k + (size_t)s * rb, rb, n - s, hd, scale, out + s, SIMD_AVX2);
+    if (s < n)
+        for (int i = 0; i < NQ; i++)
+            att_scores_avx(type, q[i], NULL, NULL, k + (size_t)s * rb, rb, n - s, hd, scale, S + (size_t)i * lds + s, SIMD_AVX2);
 }
 
-static inline __attribute__((always_inline)) void att_values_512(int type, const float *P, int ldp, int nq, const uint8_t *v,
+static void att_scores_512(int type, const float *const *q, int nq, const uint8_t *k, size_t rb, int n, int hd, float scale,
+                           float *S, int lds) {
+#define ATT_SC(T, NQ) att_scores_512_nq(T, q, NQ, k, rb, n, hd, scale, S, lds)
+    if (type == T_F16) {
+        ATT_NQ_CASES(ATT_SC, T_F16)
+    } else {
+        ATT_NQ_CASES(ATT_SC, T_F32)
+    }
+#undef ATT_SC
+}
+
+static inline __attribute__((always_inline)) void att_values_512_t(const int type, const float *P, int ldp, const int nq, const uint8_t *v,
                                                                  size_t rb, int n, int hd, float *acc) {
     for (int d0 = 0; d0 < hd; d0 += 32) {
         __m512 a[3][2];
@@ -372,7 +412,7 @@ static inline __attribute__((always_inline)) void att_values_512(int type, const
             for (int r = 0; r < 2; r++) a[i][r] = _mm512_loadu_ps(acc + (size_t)i * hd + d0 + 16 * r);
         for (int s = 0; s < n; s++) {
             const uint8_t *vr = v + (size_t)s * rb;
-            if (d0 == 0)
+            if (d0 == 0) /* the first strip reads each row from memory: keep the stream ahead */
                 for (size_t o = 0; o < rb; o += 64) PREFETCH_AHEAD(vr + o);
             __m512 x[2];
             float dscale = 1.0f;
@@ -395,6 +435,11 @@ static inline __attribute__((always_inline)) void att_values_512(int type, const
         for (int i = 0; i < nq; i++)
             for (int r = 0; r < 2; r++) _mm512_storeu_ps(acc + (size_t)i * hd + d0 + 16 * r, a[i][r]);
     }
+}
+static void att_values_512(int type, const float *P, int ldp, int nq, const uint8_t *v, size_t rb, int n, int hd, float *acc) {
+#define ATT_VA(T, NQ) att_values_512_t(T, P, ldp, NQ, v, rb, n, hd, acc)
+    ATT_TYPE_CASES(ATT_VA)
+#undef ATT_VA
 }
 #endif
 
@@ -509,7 +554,11 @@ static void att_task(void *varg, int chunk, int ith) {
                     if (n <= 0) continue;
 #if defined(ATT_512)
                     if (simd == SIMD_AVX512VNNI && type != T_Q8_0 && hd % 16 == 0) {
-                        att_scores_512(type, qp[i], kb + (size_t)b0 * c->rb, c->rb, n, hd, c->scale, S + i * ATT_BLK);
+                        int e = i + 1; /* up to 3 queries with the same keys share each K row */
+                        while (e < nq && e < i + 3 && (L[e] < b1 ? L[e] : b1) - b0 == n) e++;
+                        att_scores_512(type, qp + i, e - i, kb + (size_t)b0 * c->rb, c->rb, n, hd, c->scale, S + i * ATT_BLK,
+                                       ATT_BLK);
+                        i = e - 1;
                         continue;
                     }
 #endif
@@ -565,18 +614,13 @@ static void att_task(void *varg, int chunk, int ith) {
                     const float *Pi = S + i0 * ATT_BLK;
                     const uint8_t *vrow = vb + (size_t)b0 * c->rb;
                     float *ai = acc + (size_t)i0 * hd;
-                    /* constant query counts: the accumulators stay in registers */
 #if defined(ATT_512)
                     if (simd == SIMD_AVX512VNNI) {
-                        if (ni == 3) att_values_512(type, Pi, ATT_BLK, 3, vrow, c->rb, n, hd, ai);
-                        else if (ni == 2) att_values_512(type, Pi, ATT_BLK, 2, vrow, c->rb, n, hd, ai);
-                        else att_values_512(type, Pi, ATT_BLK, 1, vrow, c->rb, n, hd, ai);
+                        att_values_512(type, Pi, ATT_BLK, ni, vrow, c->rb, n, hd, ai);
                         continue;
                     }
 #endif
-                    if (ni == 3) att_values_avx(type, Pi, ATT_BLK, 3, vrow, c->rb, n, hd, ai);
-                    else if (ni == 2) att_values_avx(type, Pi, ATT_BLK, 2, vrow, c->rb, n, hd, ai);
-                    else att_values_avx(type, Pi, ATT_BLK, 1, vrow, c->rb, n, hd, ai);
+                    att_values_avx(type, Pi, ATT_BLK, ni, vrow, c->rb, n, hd, ai);
                 }
                 continue;
             }
