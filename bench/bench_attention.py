@@ -88,6 +88,19 @@ def _attn_token(K, q, out, kc, vc, pos, shp, threads, extra, clock) -> float:
     return clock() - t
 
 
+def ratio(b, x) -> str:
+    return f"{b / x:.2f}" if b and x else "-"
+
+
+def fmt_ms(x) -> str:
+    return f"{x:.2f}" if x else "-"
+
+
+def best(a, b):
+    """the smaller of two timings, either of which may be missing (None)"""
+    return min(a, b) if a is not None and b is not None else a if b is None else b
+
+
 def child_attention(kv: str, positions: list[int], threads: int, reps: int) -> dict:
     """Attention alone, all layers of one decode token, per position: {"cpu": ms of CPU time with 1 thread
     (robust to the machine's load), "wall": ms of wall time with `threads` threads}."""
@@ -125,7 +138,9 @@ def child_attention(kv: str, positions: list[int], threads: int, reps: int) -> d
             full = statistics.median(
                 _attn_token(K, q, out, kc, vc, P - 1, shp, nth, extra, clock) for _ in range(reps)
             )
-            r[key] = max(full - base, 1e-9) * 1e3
+            # the binding starts its threads on every call: with 2 threads that start-up (in `base`) swings by
+            # more than short contexts' attention costs, so a difference inside the noise is not a number
+            r[key] = (full - base) * 1e3 if full > 1.1 * base else None
         res[P] = r
     return res
 
@@ -321,11 +336,8 @@ def main() -> None:
                 _log(f"llama.cpp with a {kv} cache failed: {e}")
     load1 = os.getloadavg()
 
-    def tps(ms):
-        return f"{1e3 / ms:.1f}" if ms else "-"
-
-    def ratio(b, x):
-        return f"{b / x:.2f}" if b and x else "-"
+    def tps(t):
+        return f"{1e3 / t:.1f}" if t else "-"
 
     print(
         f"\ndecode tok/s, {a.threads} thread(s); load average {load0[0]:.1f} at start, {load1[0]:.1f} at end"
@@ -346,12 +358,12 @@ def main() -> None:
                     R[("model", "after", "f32")].get(P),
                     R[("attn", "after", "f32")].get(P, {}).get("wall"),
                 )
-                if mf and af:
+                if mf and af and aa.get("wall"):
                     ma, est = mf - af + aa["wall"], "~"
             ll = R.get(("llama", "", kv), {}).get(P)
-            table.append([kv, str(P), f"{ab.get('cpu', 0):.2f}" if ab else "-", f"{aa.get('cpu', 0):.2f}" if aa else "-",
-                          ratio(ab.get("cpu"), aa.get("cpu")), f"{ab.get('wall', 0):.2f}" if ab else "-",
-                          f"{aa.get('wall', 0):.2f}" if aa else "-", ratio(ab.get("wall"), aa.get("wall")), tps(mb),
+            table.append([kv, str(P), fmt_ms(ab.get("cpu")), fmt_ms(aa.get("cpu")),
+                          ratio(ab.get("cpu"), aa.get("cpu")), fmt_ms(ab.get("wall")),
+                          fmt_ms(aa.get("wall")), ratio(ab.get("wall"), aa.get("wall")), tps(mb),
                           est + tps(ma), ratio(mb, ma), tps(ll)])  # fmt: skip
             rows.append({"kv": kv, "pos": P, "attn_before": ab, "attn_after": aa, "model_ms_before": mb,
                          "model_ms_after": ma, "model_after_estimated": bool(est), "llamacpp_ms": ll})  # fmt: skip
@@ -377,7 +389,7 @@ def kv_ab(a) -> None:
             _log(f"round {rnd + 1}: attention alone, {kv} cache")
             for P, val in run_child("attn", src, kv, a).items():
                 old = R.setdefault(("attn", kv, P), val)
-                R[("attn", kv, P)] = {k: min(val[k], old[k]) for k in val}
+                R[("attn", kv, P)] = {k: best(val[k], old[k]) for k in val}
     if not a.no_model:
         _log(f"whole model, {' / '.join(a.kv)} caches interleaved step by step")
         for P, by_kv in run_child("model-ab", src, " ".join(a.kv), a).items():
@@ -394,8 +406,8 @@ def kv_ab(a) -> None:
         for kv in a.kv:
             at, ab = R[("attn", kv, P)], R[("attn", base, P)]
             mt, mb = R.get(("model", kv, P)), R.get(("model", base, P))
-            table.append([str(P), kv, f"{at['cpu']:.2f}", f"{ab['cpu'] / at['cpu']:.2f}", f"{at['wall']:.2f}",
-                          f"{ab['wall'] / at['wall']:.2f}", f"{1e3 / mt:.1f}" if mt else "-",
+            table.append([str(P), kv, fmt_ms(at["cpu"]), ratio(ab["cpu"], at["cpu"]), fmt_ms(at["wall"]),
+                          ratio(ab["wall"], at["wall"]), f"{1e3 / mt:.1f}" if mt else "-",
                           f"{mb / mt:.2f}" if mt else "-"])  # fmt: skip
             rows.append({"pos": P, "kv": kv, "attn": at, "model_ms": mt})
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
