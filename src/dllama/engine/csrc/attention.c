@@ -46,24 +46,6 @@ static inline float att_hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-
-/* exp(x) for x <= 0 (softmax arguments): Cephes range reduction + degree-6 polynomial, ~2 ulp */
-static inline __m256 att_exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 #endif
 
 static inline float att_dot(const float *a, const float *b, int n, int simd) {
@@ -222,7 +204,7 @@ static inline float att_exp_sum(float *x, int n, float m, int simd) {
         const __m256 mv = _mm256_set1_ps(m);
         __m256 acc = _mm256_setzero_ps();
         for (; i + 8 <= n; i += 8) {
-            const __m256 e = att_exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+            const __m256 e = exp8_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
             _mm256_storeu_ps(x + i, e);
             acc = _mm256_add_ps(acc, e);
         }

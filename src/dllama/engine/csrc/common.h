@@ -91,6 +91,27 @@ static inline float f16_to_f32(uint16_t h) { return f16_to_f32_soft(h); }
 static inline uint16_t f32_to_f16(float f) { return f32_to_f16_soft(f); }
 #endif
 
+/* ---- e^x for 8 lanes (silu, softmax): Cephes expf (range reduction by ln 2 in two parts, degree-5 polynomial),
+ * ~1 ulp; x clamped to [-87.3, 88.3] so 2^n stays a normal float ---- */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 exp8_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
 /* ---- SIMD level: chosen at build time, can be lowered at run time (tests exercise the scalar path) ---- */
 enum { SIMD_SCALAR = 0, SIMD_NEON = 1, SIMD_AVX2 = 2, SIMD_AVX512VNNI = 3, SIMD_LEVELS = 4 };
 extern int g_simd;           /* active level */

@@ -444,34 +444,14 @@ void rope_rows(float *x, int n_heads, int head_dim, const float *cos_t, const fl
     }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-/* e^x for 8 lanes: Cephes expf (range reduction by ln 2 in two parts, degree-5 polynomial), ~1 ulp; x clamped
- * to [-87.3, 88.3] so 2^n stays a normal float (silu then gives -0 / x at the extremes, like the scalar code) */
-static inline __m256 exp256(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
-
+/* exp8_ps clamps its argument, so silu gives -0 / x at the extremes, like the scalar code */
 void silu_mul(float *g, const float *u, int n) {
     int i = 0;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (g_simd >= SIMD_AVX2) {
         for (; i + 8 <= n; i += 8) {
             const __m256 v = _mm256_loadu_ps(g + i);
-            const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), v)));
+            const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8_ps(_mm256_sub_ps(_mm256_setzero_ps(), v)));
             _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(v, den), _mm256_loadu_ps(u + i)));
         }
     }
