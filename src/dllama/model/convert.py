@@ -9,7 +9,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.quants import dequantize, quantize
-from tqdm import tqdm
 
 from dllama.errors import DllamaError
 
@@ -75,6 +74,9 @@ def convert(src: str, dst: str, target: str) -> dict:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    # imported here, not at the top: every CLI start imports this module for its choices (tqdm costs ~20 ms)
+    from tqdm import tqdm
+
     for t, shape, src_type, out_type in tqdm(
         plans, desc=f"converting to {target}", unit="tensor", file=sys.stderr
     ):
