@@ -5,6 +5,7 @@ median of the per-turn ratios, and the percentage of the memory-bandwidth limit 
 bandwidth measured by bandwidth.py).
 
     python bench/bench_decode_ab.py --a src --b /work/wt/before/src [--model PATH] [--threads 2] [--turns 40]
+                                    [--prompt 100] [--window 64] [--kv f32|f16|q8_0]
 
 Decode positions cycle through [prompt, prompt + window), so both builds see the same context lengths.
 """
@@ -23,8 +24,10 @@ CHILD = r"""
 import json, sys, time
 from dllama.model.gguf_model import GGUFModel
 from dllama.runtime.root import Root
-path, threads, prompt, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-root = Root(GGUFModel(path, verbose=False), nthreads=threads, max_seq=prompt + window + 8, log=lambda *a: None)
+path, threads, prompt, window, kv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+extra = {"kv_type": kv} if kv else {}  # builds from before KV cache types take no kv_type
+root = Root(GGUFModel(path, verbose=False), nthreads=threads, max_seq=prompt + window + 8, log=lambda *a: None,
+            **extra)
 ids = [(1000 + 7 * i) % 30000 for i in range(prompt)]
 for i in range(0, prompt, root.max_batch):
     r = root.run(ids[i:i + root.max_batch], i, "argmax")
@@ -45,7 +48,8 @@ for line in sys.stdin:
 
 def start(src: str, args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
-    p = subprocess.Popen([sys.executable, "-c", CHILD, args.model, str(args.threads), str(args.prompt), str(args.window)],
+    p = subprocess.Popen([sys.executable, "-c", CHILD, args.model, str(args.threads), str(args.prompt), str(args.window),
+                          args.kv or ""],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
     if p.stdout.readline().strip() != "ready":
         raise SystemExit(f"the build in {src} failed to start")
@@ -68,6 +72,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="tokens per turn")
     ap.add_argument("--prompt", type=int, default=100)
     ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--kv", choices=["f32", "f16", "q8_0"], help="KV cache type (default: the engine's default)")
     ap.add_argument("--no-bandwidth", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
