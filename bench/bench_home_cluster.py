@@ -2,8 +2,9 @@
 half a core by default, CFS quota 5 ms per 10 ms period), all on one switch (a Linux bridge in its own namespace)
 through veth links limited to 1 Gbit/s in each direction with tbf. One node alone with the same budget is the
 baseline, so the ratio is the speed-up a cluster of equal small machines would give (the original on Raspberry Pi 5:
-2.26 -> 2.92 -> 4.56 tok/s on 1, 2, 4 nodes, i.e. 1.29x / 2.02x; our goals 1.8x / 3.2x). N nodes x budget must fit
-the machine (2 cores: N <= 4 at half a core). Every node runs with --nthreads 1. Needs root and iproute2.
+2.26 -> 2.92 -> 4.56 tok/s on 1, 2, 4 nodes, i.e. 1.29x / 2.02x; on 8 Raspberry Pi 4B, Llama 2 7B: 1.65x / 2.66x /
+2.23x on 2 / 4 / 8 nodes; our goals 1.8x / 3.2x). N nodes x budget must fit the machine (2 cores: N <= 4 at half a
+core, N <= 8 with --quota-us 2500). Every node runs with --nthreads 1. Needs root and iproute2.
 
 For each model and N: decode tok/s (greedy, after a warm-up), the root's split of the token time into compute and
 sync wait (blocked on the partial-sum exchange and the workers' logits), and per node, during the decode only, the
@@ -36,6 +37,8 @@ from models import MODELS, synthetic_1b  # noqa: E402
 
 # the original Distributed Llama on Raspberry Pi 5 (seed tables): tok/s on 1, 2, 4 nodes
 ORIGINAL_PI5 = {1: 2.26, 2: 2.92, 4: 4.56}
+# and on Raspberry Pi 4B, Llama 2 7B (its report): ms per token on 1, 2, 4, 8 nodes; 8 nodes were slower than 4
+ORIGINAL_PI4_MS = {1: 1312.50, 2: 793.69, 4: 494.00, 8: 588.19}
 GOALS = {2: 1.8, 4: 3.2}
 SECRET = "home-cluster-bench"
 PORT = 9990
@@ -291,7 +294,7 @@ def report(results: dict, a) -> None:
     bw = a.bandwidth
     print("memory read bandwidth (bandwidth.py, before and after the runs): "
           + ", ".join(f"{t} thread{'s' if t > 1 else ''} {v:.1f} GB/s" for t, v in bw.items()))
-    head = (f"{'model':<8} {'N':>2} {'tok/s':>6} {'x 1':>5} {'bound':>5} {'mem':>5} {'goal':>5} {'Pi 5':>5} {'ms/tok':>7} "
+    head = (f"{'model':<8} {'N':>2} {'tok/s':>6} {'x 1':>5} {'bound':>5} {'mem':>5} {'goal':>5} {'Pi 5':>5} {'Pi 4':>5} {'ms/tok':>7} "
             f"{'compute':>8} {'sync':>6} {'over/x':>6} {'root kB s/r':>12}  per node: CPU ms (cores) / throttled ms, "
             f"per token")  # fmt: skip
     print(head)
@@ -316,6 +319,7 @@ def report(results: dict, a) -> None:
             r1 = bw[1]
             mem = min(bw[min(n, os.cpu_count() or 1)], n * budget * r1) / (budget * r1)
             pi = f"{ORIGINAL_PI5[n] / ORIGINAL_PI5[1]:5.2f}" if n in ORIGINAL_PI5 else "    -"
+            pi += f" {ORIGINAL_PI4_MS[1] / ORIGINAL_PI4_MS[n]:5.2f}" if n in ORIGINAL_PI4_MS else "     -"
             nodes = " ".join(f"{med([o['node_cpu_ms'][i] for o in rs]):.1f}({med([o['node_cores'][i] for o in rs]):.2f})"
                              f"/{med([o['node_throttled_ms'][i] for o in rs]):.1f}" for i in range(n))  # fmt: skip
             print(f"{m:<8} {n:>2} {tps:>6.2f} {ratio} {bound} {mem:5.2f} {goal} {pi} {ms:>7.1f} "

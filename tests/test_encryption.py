@@ -228,9 +228,10 @@ def test_keys_depend_on_the_encrypt_flag_and_both_nonces():
 
 
 def test_a_version_3_peer_gets_the_version_mismatch_error_both_ways():
-    """Version 4 changed the default tag (HMAC-SHA256 -> AES-256-GMAC): a version-3 client is answered with a
-    readable ERROR by the server, and a client talking to a version-3 server stops with one clear line."""
-    assert M.VERSION == 4
+    """Version 4 changed the default tag (HMAC-SHA256 -> AES-256-GMAC), version 5 the sum at 8, 16, ... nodes: a
+    version-3 client is answered with a readable ERROR by the server, and a client talking to a version-3 server stops
+    with one clear line."""
+    assert M.VERSION == 5
     a, b = socket.socketpair()
     b.sendall(P.header(M.HELLO, M.Hello.S.size) + M.Hello(3, M.ROLE_ROOT, os.urandom(16), bytes(16), 0, 0).encode())
     server = Conn(a, "root (test)", timeout=5)
@@ -240,7 +241,7 @@ def test_a_version_3_peer_gets_the_version_mismatch_error_both_ways():
     reply = recv_exact(b, 8)
     reply += recv_exact(b, M.HEADER.unpack(reply)[3])
     assert M.HEADER.unpack(reply[:8])[1] == M.ERROR
-    assert b"protocol version mismatch: worker speaks 4, you 3" in reply
+    assert b"protocol version mismatch: worker speaks 5, you 3" in reply
     b.close()
 
     a, b = socket.socketpair()
@@ -252,7 +253,7 @@ def test_a_version_3_peer_gets_the_version_mismatch_error_both_ways():
 
     t = threading.Thread(target=old_server)
     t.start()
-    with pytest.raises(M.ProtocolError, match="protocol version mismatch: we speak 4, the peer 3"):
+    with pytest.raises(M.ProtocolError, match="protocol version mismatch: we speak 5, the peer 3"):
         P.client_handshake(client, b"secret", M.ROLE_ROOT)
     t.join()
     client.close()

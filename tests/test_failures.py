@@ -2,6 +2,7 @@
 sums hold NaN, residual streams that drift apart; and the sync formats stay faithful (f16 next to f32 and q80)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,26 @@ def test_stopped_worker_is_reported_within_5s(default_model, workers):
     last = root.stderr.read().strip().splitlines()[-1]
     print(f"root gave up {elapsed:.2f} s after the worker was stopped: {last}")
     assert root.returncode != 0 and "worker 1" in last and "within" in last
+    assert elapsed < 5
+
+
+def test_a_dead_worker_is_named_when_eight_nodes_sum_in_pairs(tiny8, workers):
+    """At 8 nodes the sum is a butterfly (graph.c): the root never talks partial sums with worker 7 (0 ^ 7 is not a
+    round's bit), and worker 7's partners give up first. They tell every peer who failed (ABORT), so the root's
+    error names worker 7, not the partner that happened to be the root's."""
+    ws = workers(7)
+    m = GGUFModel(tiny8["f32"])
+    with Root(m, nthreads=1, max_seq=64, workers=[w.address for w in ws], secret="test-secret", **QUIET) as r:
+        r.forward([5], 0)
+        ws[6].proc.kill()
+        ws[6].proc.wait(timeout=10)
+        t0 = time.monotonic()
+        with pytest.raises(DllamaError) as err:
+            for pos in range(1, 40):
+                r.forward([5], pos)
+        elapsed = time.monotonic() - t0
+    print(f"{elapsed:.2f} s: {err.value}")
+    assert re.search(r"worker failure: worker 7 \(.*\) (disconnected|connection lost)", str(err.value))
     assert elapsed < 5
 
 

@@ -120,3 +120,36 @@ def test_f32_logit_slices_are_exact_when_sampling(default_model, workers):
     assert np.isfinite(full).all()
     k = int(full.argmax())
     assert best[k] == full[k] and int(np.argmax(best)) == k
+
+
+# 8 nodes sum their partial sums in a butterfly (graph.c): node i swaps with i^1, i^2, i^4 only. The synthetic 8-KV-head
+# model (tiny-8kv, F32 weights): dim 256, L = 4 layers, vocabulary 1024 (128 rows per node), embedding rows F32.
+#   q80 partial row S = 256 / 32 * 34 = 272 B -> one frame (T=1) = 12 + 272 + 16 = 300 B; 2L frames = 8 * 300 = 2400
+#   FORWARD (T=1) = 8 + 16 + 4 * 256 + 16 = 1064 B;  LOGITS greedy = 32 B
+# Per greedy token: root -> partner (1, 2, 4) 1064 + 2400 = 3464, root -> other worker 1064;
+#   partner -> root 2400 + 32 = 2432, other worker -> root 32; worker <-> worker 2400 between partners, 0 otherwise
+#   (the all-to-all of 2..7 nodes would put 2400 on every one of the 56 directed links).
+def test_eight_nodes_swap_partial_sums_with_three_partners_only(tiny8, workers):
+    ws = workers(7)
+    me, wp = os.getpid(), [w.proc.pid for w in ws]
+    pid = [me, *wp]
+    m = GGUFModel(tiny8["f32"])
+    with Root(m, nthreads=1, max_seq=64, workers=[w.address for w in ws], secret="test-secret", sync="q80",
+              **QUIET) as root:  # fmt: skip
+        root.run([3], 0, "argmax")  # warm-up: any first-use traffic is not counted
+        d = measure(root, set(pid), [7], 1, "argmax")
+    got = {(a, b): d.get((pid[a], pid[b]), 0) for a in range(8) for b in range(8) if a != b}
+    want = {}
+    for a in range(8):
+        for b in range(8):
+            if a == b:
+                continue
+            partners = (a ^ b) in (1, 2, 4)
+            if a == 0:
+                want[a, b] = 1064 + (2400 if partners else 0)
+            elif b == 0:
+                want[a, b] = 32 + (2400 if partners else 0)
+            else:
+                want[a, b] = 2400 if partners else 0
+    bad = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    assert not bad, f"bytes per directed link (node a -> node b): (counted, expected) {bad}"

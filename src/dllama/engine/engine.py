@@ -26,6 +26,12 @@ def slot_of(p: Placement) -> int:
     return (GLOBAL_SLOTS if p.layer < 0 else LAYER_SLOTS)[p.spec.slot]
 
 
+def sync_in_pairs(n_nodes: int) -> bool:
+    """Whether n nodes add their partial sums in a butterfly of pairwise swaps (graph.c) rather than all-to-all: a
+    node then waits only for its partner of each round, which may itself be waiting for another node."""
+    return n_nodes >= _kernels.BUTTERFLY_MIN_NODES and n_nodes & (n_nodes - 1) == 0
+
+
 def sync_row_bytes(sync: str, dim: int) -> int:
     """Bytes of one row of a partial sum on the wire."""
     return dim * 34 // 32 if sync == "q80" else dim * (2 if sync == "f16" else 4)

@@ -1,6 +1,6 @@
-"""One node's all-to-all links: a Conn to every other node, and the C TCP mesh (csrc/mesh_tcp.c) over their
-sockets that the engine exchanges partial sums through. A failed exchange comes back from the engine as one
-CommError, turned here into one NodeFailure that names the node and says what happened."""
+"""One node's links: a Conn to every other node, and the C TCP mesh (csrc/mesh_tcp.c) over their sockets that the
+engine exchanges partial sums through. A failed exchange comes back from the engine as one CommError, turned here into
+one NodeFailure that names the node and says what happened: with a peer's ABORT, the node that peer saw fail."""
 
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def spin_us() -> int:
 
 
 class Mesh:
-    def __init__(self, index: int, links: dict[int, Conn], timeout: float):
-        self.index, self.links = index, links
+    def __init__(self, index: int, links: dict[int, Conn], timeout: float, in_pairs: bool = False):
+        """in_pairs: the engine sums in a butterfly (engine.sync_in_pairs), so a late partner may be waiting itself."""
+        self.index, self.links, self.in_pairs = index, links, in_pairs
         n = len(links) + 1
         self.timeout = timeout
         fds = [links[j].fileno() if j != index else -1 for j in range(n)]
@@ -71,7 +72,8 @@ class Mesh:
         node, kind, err, mtype, msg = args
         name = self.links[node].name if node in self.links else f"node {node}"
         if kind == _mesh.TIMEOUT:
-            return NodeFailure(node, f"no partial sum from {name} within {self.timeout:.0f} s")
+            relay = " (it may be waiting in turn for another node's)" if self.in_pairs else ""
+            return NodeFailure(node, f"no partial sum from {name} within {self.timeout:.0f} s{relay}")
         if kind == _mesh.SOCKERR:
             return NodeFailure(node, f"{name}: connection lost ({os.strerror(err)})")
         if kind == _mesh.PEER_ERROR:
@@ -79,6 +81,10 @@ class Mesh:
                 msg = self.links[node].verify_read_frame(mtype, bytes(msg), self.tcp.overread(node))
                 if msg is None:
                     return NodeFailure(node, f"{name} sent an error message that failed its integrity check")
+            culprit = M.aborted_node(mtype, msg)
+            if culprit is not None and culprit != self.index and culprit in self.links:  # blame the node that failed
+                reason = M.Abort.decode(msg).reason
+                return NodeFailure(culprit, reason if "(reported by " in reason else f"{reason} (reported by {name})")
             return NodeFailure(node, f"{name}: {M.explanation(mtype, msg)}")
         if kind == _mesh.NONFINITE:
             return NodeFailure(node, f"{name} sent a partial sum with NaN or infinite values")

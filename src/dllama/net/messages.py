@@ -19,7 +19,8 @@ from dllama.model.config import ModelConfig
 from dllama.model.weight_types import NATIVE
 from dllama.split.plan import NodeShare, SplitPlan
 
-VERSION = 4  # 3: HELLO carries flags (FLAG_ENCRYPT); 4: default frame tag AES-256-GMAC (was HMAC-SHA256)
+VERSION = 5  # 3: HELLO carries flags (FLAG_ENCRYPT); 4: default frame tag AES-256-GMAC (was HMAC-SHA256);
+#             5: 8, 16, ... nodes sum their partial sums in a butterfly of pairwise swaps (was all-to-all)
 MAGIC = b"DL"
 HEADER = struct.Struct("<2sBBI")  # magic, type, flags (0), payload length
 
@@ -146,6 +147,14 @@ class Abort(Message):
     def decode(cls, payload: bytes):
         _check(len(payload) >= 2, "malformed ABORT")
         return cls(struct.unpack_from("<H", payload)[0], printable(payload[2:].decode("utf-8", "replace")))
+
+
+def aborted_node(mtype: int, payload: bytes) -> int | None:
+    """The node an ABORT frame says failed (None for ERROR or a malformed ABORT)."""
+    try:
+        return Abort.decode(payload).failed_node if mtype == ABORT else None
+    except ProtocolError:
+        return None
 
 
 def explanation(mtype: int, payload: bytes) -> str:

@@ -9,7 +9,7 @@ import queue
 
 import numpy as np
 
-from dllama.engine.engine import CommError, Engine, embed_rows, slot_of
+from dllama.engine.engine import CommError, Engine, embed_rows, slot_of, sync_in_pairs
 from dllama.errors import DllamaError
 from dllama.model.tensor_view import TensorView
 from dllama.model.weight_types import NATIVE, row_bytes
@@ -131,7 +131,7 @@ class WorkerSession:
         engine = Engine(plan.cfg, share, max_seq=s.max_seq, max_batch=s.max_batch, nthreads=self.server.nthreads,
                         sync=s.sync, check_residual=s.check_residual, kv_dir=kv_dir, kv_type=s.kv_type)  # fmt: skip
         self._load(engine, s)
-        self.mesh = Mesh(s.index, self._mesh(s), DATA_TIMEOUT)
+        self.mesh = Mesh(s.index, self._mesh(s), DATA_TIMEOUT, in_pairs=sync_in_pairs(plan.n_nodes))
         engine.set_comm(self.mesh)
         P.send(root, M.Ready(engine.weight_bytes, hashlib.sha256(raw).digest()))
         self.log(f"session: node {s.index} of {plan.n_nodes}: {share.n_heads} q heads, {share.n_kv_heads} kv heads, "
@@ -154,11 +154,15 @@ class WorkerSession:
                 engine.forward(msg.pos, msg.T)
             except CommError as e:
                 failure = self.mesh.failure(e.args)
-                # tell the root which peer failed before we leave (or why its own frames were refused)
-                try:
-                    P.send(self.root, M.Abort(failure.node, str(failure)) if failure.node else M.Error(str(failure)))
-                except (OSError, DllamaError):
-                    pass
+                # tell the root which peer failed before we leave (or why its own frames were refused), and every
+                # peer: in a butterfly (sync_in_pairs) the nodes waiting for us learn who failed, not just that we left
+                why = M.Abort(failure.node, str(failure)) if failure.node else M.Error(str(failure))
+                for j, conn in sorted(self.mesh.links.items()):
+                    if j == 0 or (j != failure.node and sync_in_pairs(len(self.mesh.links) + 1)):
+                        try:
+                            P.send(conn, why)
+                        except (OSError, DllamaError):
+                            pass
                 raise failure from None
             if s.check_residual:
                 P.send(self.root, M.Residual(engine.residual_hashes()))

@@ -1,11 +1,12 @@
 /* The communication interface the engine needs: after each attention and feed-forward block, every node's partial
  * sum (T rows, already in the sync format) must reach every other node.
  *
- * `exchange` sends `len` bytes to every peer and fills recv + node * len with what node `node` sent (own slot left
- * untouched); the engine then adds all partial sums in node order (graph.c), so the residual stream is identical on
- * every node. The engine knows nothing else about the transport: TCP all-to-all (dllama/net/csrc/mesh_tcp.c) is one
- * implementation; a pipeline stage or a GPU collective would be another. A failure returns non-zero and leaves the
- * details in `fail`, which the Python binding turns into one exception. */
+ * `exchange` sends `len` bytes to every node in `peers` (bit j: node j) and fills recv + node * len with what each
+ * of them sent (other slots left untouched). The engine decides who talks to whom (graph.c: everyone with everyone,
+ * or a butterfly of pairwise swaps for 8, 16, ... nodes) and adds the partial sums in an order that keeps the residual
+ * stream identical on every node. The engine knows nothing else about the transport: TCP
+ * (dllama/net/csrc/mesh_tcp.c) is one implementation; a pipeline stage or a GPU collective would be another. A
+ * failure returns non-zero and leaves the details in `fail`, which the Python binding turns into one exception. */
 #ifndef DLLAMA_COMM_H
 #define DLLAMA_COMM_H
 
@@ -17,6 +18,7 @@ enum { COMM_OK = 0, COMM_TIMEOUT = 1, COMM_CLOSED = 2, COMM_BADFRAME = 3, COMM_S
        COMM_INTEGRITY = 7 /* a peer's frame failed its authentication tag (altered on the way, or replayed) */ };
 
 #define COMM_MSG_MAX 4096
+#define COMM_ALL_PEERS(c) (~0ULL >> (64 - (c)->n_nodes) & ~(1ULL << (c)->self))
 
 typedef struct {
     int node;     /* index of the node whose link failed, -1 if unknown */
@@ -30,7 +32,7 @@ typedef struct {
 typedef struct comm comm;
 struct comm {
     int n_nodes, self;
-    int (*exchange)(comm *c, const uint8_t *send, size_t len, uint32_t step, uint8_t *recv);
+    int (*exchange)(comm *c, uint64_t peers, const uint8_t *send, size_t len, uint32_t step, uint8_t *recv);
     comm_failure fail;
     double wait_s;               /* seconds blocked in exchange */
     uint64_t sent, received;     /* bytes as returned by the socket calls */

@@ -452,6 +452,58 @@ static int allreduce(engine *e, int T, uint32_t step, comm *cm) {
     return rc;
 }
 
+/* src -> the sync format (len bytes in dst) */
+static void sync_encode(const engine *e, const float *src, uint8_t *dst, size_t n) {
+    if (e->c.sync == SYNC_Q80) quantize_row_q80(src, (block_q8_0 *)dst, NULL, (int)n);
+    else if (e->c.sync == SYNC_F16) {
+        uint16_t *h = (uint16_t *)dst;
+        for (size_t i = 0; i < n; i++) h[i] = f32_to_f16(src[i]);
+    } else memcpy(dst, src, n * 4);
+}
+
+/* acc += what p holds, in the sync format */
+static void sync_add(const engine *e, float *acc, const uint8_t *p, size_t n) {
+    if (e->c.sync == SYNC_Q80) accumulate_q80(acc, (const block_q8_0 *)p, (int)n);
+    else if (e->c.sync == SYNC_F16) {
+        const uint16_t *h = (const uint16_t *)p;
+        for (size_t i = 0; i < n; i++) acc[i] += f16_to_f32(h[i]);
+    } else {
+        const float *f = (const float *)p;
+        for (size_t i = 0; i < n; i++) acc[i] += f[i];
+    }
+}
+
+static int peer_finite(engine *e, comm *cm, int node, size_t len, size_t n) {
+    if (finite_payload(e, e->rbuf + (size_t)node * len, n)) return 1;
+    cm->fail.node = node;
+    cm->fail.kind = COMM_NONFINITE;
+    return 0;
+}
+
+/* Butterfly (recursive doubling) for 8, 16, ... nodes: in round r every node swaps its running sum with the node
+ * whose index differs in bit r, so a node sends log2(N) frames per exchange instead of N - 1 (at 8 nodes 3 instead
+ * of 7): each frame costs the sender's and the receiver's network stack ~16 us of CPU (perf,
+ * bench_home_cluster.py), the compute nodes' own budget. The two sides of a swap add the lower node's values first (a
+ * build that fuses sync_add's multiply-add into an FMA would otherwise round differently on the two sides), so both
+ * hold the same sum, and after the last round every node holds the same total. From round 1 on a node sends a
+ * sum of partial sums, re-encoded (for q80: quantized once more, one rounding more than the all-to-all). */
+static int butterfly_sum(engine *e, size_t n, size_t len, uint32_t step, comm *cm) {
+    const float *src = e->out;
+    for (int bit = 1; bit < cm->n_nodes; bit <<= 1) {
+        const int peer = cm->self ^ bit;
+        sync_encode(e, src, e->sbuf, n); /* src may be acc: encoded before acc is cleared below */
+        const int rc = cm->exchange(cm, 1ULL << peer, e->sbuf, len, step, e->rbuf);
+        if (rc != COMM_OK) return rc;
+        if (!peer_finite(e, cm, peer, len, n)) return COMM_NONFINITE;
+        const uint8_t *theirs = e->rbuf + (size_t)peer * len;
+        memset(e->acc, 0, n * 4);
+        sync_add(e, e->acc, cm->self < peer ? e->sbuf : theirs, n);
+        sync_add(e, e->acc, cm->self < peer ? theirs : e->sbuf, n);
+        src = e->acc;
+    }
+    return COMM_OK;
+}
+
 static int allreduce_sum(engine *e, int T, uint32_t step, comm *cm) {
     const size_t n = (size_t)T * e->c.dim;
     if (!cm || cm->n_nodes <= 1) {
@@ -473,31 +525,18 @@ static int allreduce_sum(engine *e, int T, uint32_t step, comm *cm) {
             return COMM_SOCKERR;
         }
     }
-    /* every node adds the same quantized values in the same order, its own included */
-    if (e->c.sync == SYNC_Q80) quantize_row_q80(e->out, (block_q8_0 *)e->sbuf, NULL, (int)n);
-    else if (e->c.sync == SYNC_F16) {
-        uint16_t *h = (uint16_t *)e->sbuf;
-        for (size_t i = 0; i < n; i++) h[i] = f32_to_f16(e->out[i]);
-    } else memcpy(e->sbuf, e->out, n * 4);
-    const int rc = cm->exchange(cm, e->sbuf, len, step, e->rbuf);
-    if (rc != COMM_OK) return rc;
-    for (int node = 0; node < cm->n_nodes; node++)
-        if (node != cm->self && !finite_payload(e, e->rbuf + (size_t)node * len, n)) {
-            cm->fail.node = node;
-            cm->fail.kind = COMM_NONFINITE;
-            return COMM_NONFINITE;
-        }
-    memset(e->acc, 0, n * 4);
-    for (int node = 0; node < cm->n_nodes; node++) {
-        const uint8_t *p = node == cm->self ? e->sbuf : e->rbuf + (size_t)node * len;
-        if (e->c.sync == SYNC_Q80) accumulate_q80(e->acc, (const block_q8_0 *)p, (int)n);
-        else if (e->c.sync == SYNC_F16) {
-            const uint16_t *h = (const uint16_t *)p;
-            for (size_t i = 0; i < n; i++) e->acc[i] += f16_to_f32(h[i]);
-        } else {
-            const float *f = (const float *)p;
-            for (size_t i = 0; i < n; i++) e->acc[i] += f[i];
-        }
+    if (sync_in_pairs(cm->n_nodes)) {
+        const int rc = butterfly_sum(e, n, len, step, cm);
+        if (rc != COMM_OK) return rc;
+    } else { /* all-to-all: every node adds the same quantized values in node order, its own included */
+        sync_encode(e, e->out, e->sbuf, n);
+        const int rc = cm->exchange(cm, COMM_ALL_PEERS(cm), e->sbuf, len, step, e->rbuf);
+        if (rc != COMM_OK) return rc;
+        for (int node = 0; node < cm->n_nodes; node++)
+            if (node != cm->self && !peer_finite(e, cm, node, len, n)) return COMM_NONFINITE;
+        memset(e->acc, 0, n * 4);
+        for (int node = 0; node < cm->n_nodes; node++)
+            sync_add(e, e->acc, node == cm->self ? e->sbuf : e->rbuf + (size_t)node * len, n);
     }
     for (size_t i = 0; i < n; i++) e->x[i] += e->acc[i];
     return COMM_OK;

@@ -267,6 +267,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     PyModule_AddIntConstant(m, "SYNC_Q80", SYNC_Q80);
     PyModule_AddIntConstant(m, "SYNC_F32", SYNC_F32);
     PyModule_AddIntConstant(m, "SYNC_F16", SYNC_F16);
+    PyModule_AddIntConstant(m, "BUTTERFLY_MIN_NODES", BUTTERFLY_MIN_NODES);
     PyModule_AddIntConstant(m, "SIMD_SCALAR", SIMD_SCALAR);
     PyModule_AddIntConstant(m, "SIMD_NEON", SIMD_NEON);
     PyModule_AddIntConstant(m, "SIMD_AVX2", SIMD_AVX2);

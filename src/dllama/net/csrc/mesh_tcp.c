@@ -1,7 +1,8 @@
-/* dllama.net._mesh: the TCP all-to-all, one implementation of the engine's comm interface (engine/csrc/comm.h).
+/* dllama.net._mesh: the TCP links between all nodes, one implementation of the engine's comm interface
+ * (engine/csrc/comm.h).
  *
- * Per exchange every node sends one frame to every other node (one sendmsg each: frame and tag) and receives one
- * from each over non-blocking sockets (no deadlock on full socket buffers, no spinning, the GIL released by the
+ * Per exchange a node sends one frame to each of the peers the engine names (all of them, or one partner per round
+ * of a butterfly; one sendmsg each: frame and tag) and receives one from each over non-blocking sockets (no deadlock on full socket buffers, no spinning, the GIL released by the
  * engine's caller): what has already arrived is read before any poll(), a peer's whole frame (header, payload,
  * tag) in one readv, so a peer that was ready costs one readv and no poll() at all (was: a poll() and a recv() for
  * each of header, payload and tag).
@@ -253,9 +254,10 @@ static int pull(tcp_mesh *m, int j, uint8_t *recv_buf, size_t len, uint32_t step
     return COMM_OK;
 }
 
-/* One exchange: our frame to every peer (one sendmsg each, frame and tag), then whatever has already arrived is
+/* One exchange: our frame to every node in `peers` (one sendmsg each, frame and tag), then whatever has already arrived is
  * taken before any poll(); poll() only when a peer's frame is still missing (or a send did not complete). */
-static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t step, uint8_t *recv_buf) {
+static int tcp_exchange(comm *c, uint64_t peers, const uint8_t *send_buf, size_t len, uint32_t step,
+                        uint8_t *recv_buf) {
     tcp_mesh *m = (tcp_mesh *)c;
     const int N = c->n_nodes;
     const size_t total = HEAD + len;
@@ -275,9 +277,9 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
     const double t0 = mono_s();
     size_t sent[MAX_NODES], got[MAX_NODES], tot[MAX_NODES]; /* tot: frame plus tag on this link */
     for (int j = 0; j < N; j++) {
-        sent[j] = got[j] = 0;
+        sent[j] = got[j] = tot[j] = 0; /* a node outside `peers`: nothing to send or to receive */
         m->n_over[j] = 0;
-        if (j == c->self) continue;
+        if (j == c->self || !(peers >> j & 1)) continue;
         link_mac *l = &m->lm[j];
         tot[j] = total + (tagged(l) ? TAG : 0);
         if (l->encrypt) {
@@ -302,7 +304,7 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
         }
     }
     for (int j = 0; j < N; j++) { /* frames that are already here: no poll() for them */
-        if (j == c->self) continue;
+        if (j == c->self || !tot[j]) continue;
         const int rc = pull(m, j, recv_buf, len, step, &got[j], tot[j]);
         if (rc != COMM_OK) return rc;
     }
@@ -316,7 +318,7 @@ static int tcp_exchange(comm *c, const uint8_t *send_buf, size_t len, uint32_t s
         for (;;) {
             int pending = 0, blocked = 0;
             for (int j = 0; j < N; j++) {
-                if (j == c->self) continue;
+                if (j == c->self || !tot[j]) continue;
                 if (sent[j] < tot[j]) blocked = 1;
                 if (got[j] < tot[j]) {
                     const int rc = pull(m, j, recv_buf, len, step, &got[j], tot[j]);
@@ -509,12 +511,14 @@ static PyObject *TcpMesh_set_timeout(TcpMesh *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* exchange(data, step) -> every node's data (ours left zero), node by node: one exchange outside the engine, for
- * tests and benchmarks of the wire format. A failure raises RuntimeError(node, kind, errno). */
+/* exchange(data, step, peers=None) -> every node's data (zero for ourselves and nodes outside `peers`, a sequence
+ * of node indices; None: all), node by node: one exchange outside the engine, for tests and benchmarks of the wire
+ * format. A failure raises RuntimeError(node, kind, errno). */
 static PyObject *TcpMesh_exchange(TcpMesh *self, PyObject *args) {
     Py_buffer b;
     unsigned int step;
-    if (!self->m || !PyArg_ParseTuple(args, "y*I", &b, &step)) {
+    PyObject *peers_o = Py_None;
+    if (!self->m || !PyArg_ParseTuple(args, "y*I|O", &b, &step, &peers_o)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "TcpMesh not initialised");
         return NULL;
     }
@@ -526,10 +530,29 @@ static PyObject *TcpMesh_exchange(TcpMesh *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "exchange: empty data");
         return NULL;
     }
+    uint64_t peers = COMM_ALL_PEERS(&m->base);
+    if (peers_o != Py_None) {
+        PyObject *seq = PySequence_Fast(peers_o, "exchange: peers must be a sequence of node indices");
+        peers = 0;
+        for (Py_ssize_t i = 0; seq && i < PySequence_Fast_GET_SIZE(seq); i++) {
+            const long j = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (j < 0 || j >= m->base.n_nodes || j == m->base.self) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "exchange: no such peer");
+                break;
+            }
+            peers |= 1ULL << j;
+        }
+        Py_XDECREF(seq);
+        if (PyErr_Occurred()) {
+            Py_DECREF(out);
+            PyBuffer_Release(&b);
+            return NULL;
+        }
+    }
     uint8_t *rb = (uint8_t *)PyBytes_AS_STRING(out);
     memset(rb, 0, len * (size_t)m->base.n_nodes);
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = tcp_exchange(&m->base, (const uint8_t *)b.buf, len, step, rb);
+    Py_BEGIN_ALLOW_THREADS rc = tcp_exchange(&m->base, peers, (const uint8_t *)b.buf, len, step, rb);
     Py_END_ALLOW_THREADS PyBuffer_Release(&b);
     if (rc != COMM_OK) {
         Py_DECREF(out);
@@ -556,7 +579,8 @@ static PyMethodDef TcpMesh_methods[] = {
     {"overread", (PyCFunction)TcpMesh_overread, METH_O,
      "overread(node) -> bytes read past that node's ERROR / ABORT frame (its tag's first bytes)"},
     {"exchange", (PyCFunction)TcpMesh_exchange, METH_VARARGS,
-     "exchange(data, step) -> bytes: one all-to-all outside the engine (tests, benchmarks)"},
+     "exchange(data, step, peers=None) -> bytes: one exchange with those peers (default: all) outside the engine "
+     "(tests, benchmarks)"},
     {"set_timeout", (PyCFunction)TcpMesh_set_timeout, METH_O, "set_timeout(ms): longest wait for a peer's frame"},
     {"counters", (PyCFunction)TcpMesh_counters, METH_NOARGS,
      "(seconds waited, bytes sent, bytes received) since creation, as counted at the socket calls"},
@@ -577,8 +601,8 @@ static PyTypeObject TcpMeshType = {
     .tp_dealloc = (destructor)TcpMesh_dealloc,
     .tp_methods = TcpMesh_methods,
     .tp_getset = TcpMesh_getset,
-    .tp_doc = "TcpMesh(fds, self_index, prefix, explain, timeout_ms, keys=None, spin_us=0): all-to-all over "
-               "connected sockets, "
+    .tp_doc = "TcpMesh(fds, self_index, prefix, explain, timeout_ms, keys=None, spin_us=0): exchanges of partial "
+               "sums over connected sockets, "
                "each link's frames tagged with AES-256-GMAC when it has a (send, receive) pair of 32-byte keys, or AES-256-GCM "
                "encrypted when it has (send, receive, True).",
 };

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dllama.engine.engine import CommError, Engine, slot_of
+from dllama.engine.engine import CommError, Engine, slot_of, sync_in_pairs
 from dllama.errors import DllamaError
 from dllama.kv_cache import DEFAULT_KV_TYPE
 from dllama.model.gguf_model import GGUFModel
@@ -75,7 +75,8 @@ class TcpCluster:
             if settings.encrypt:
                 log("every link encrypted (AES-256-GCM, keys derived from the cluster secret per connection)")
             _setup(conns, hashes, plan, model, settings, log)
-            cluster = cls(conns, plan, engine, Mesh(0, dict(enumerate(conns, 1)), DATA_TIMEOUT))
+            mesh = Mesh(0, dict(enumerate(conns, 1)), DATA_TIMEOUT, in_pairs=sync_in_pairs(plan.n_nodes))
+            cluster = cls(conns, plan, engine, mesh)
             cluster.check_residual = settings.check_residual
             return cluster
         except BaseException:
