@@ -70,6 +70,49 @@ def test_every_node_gets_every_other_nodes_bytes(mode, n, nbytes, steps, spin_us
             assert got[i][s] == want, (i, s)
 
 
+@pytest.mark.parametrize("mode", ["none", "gmac", "aes-gcm"])
+def test_pairwise_swaps_touch_only_the_named_peers(mode):
+    """The butterfly's rounds (engine graph.c at 8+ nodes; here 4 nodes): each exchange names one partner, gets its
+    bytes and nothing from the others, and the links' sequence numbers stay in step for a full exchange afterwards
+    (every link carries frames only in the rounds that use it)."""
+    n, nbytes, steps = 4, 2176, 30
+    meshes, socks = make_meshes(n, mode)
+    got: list[list[tuple[int, bytes]]] = [[] for _ in range(n)]
+    errors: list[BaseException] = []
+
+    def data(i: int, s: int, r: int) -> bytes:
+        return bytes([i, s, r]) * (nbytes // 3) + bytes(nbytes % 3)
+
+    def node(i: int) -> None:
+        try:
+            for s in range(steps):
+                for r, bit in enumerate((1, 2)):
+                    if i == 3 and s % 4 == 0:
+                        time.sleep(0.002)  # a late partner
+                    got[i].append((i ^ bit, meshes[i].exchange(data(i, s, r), 500 + s, [i ^ bit])))
+            got[i].append((-1, meshes[i].exchange(data(i, 99, 9), 9999)))  # all peers again
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s in socks:
+        s.close()
+    assert not errors, errors
+    for i in range(n):
+        assert len(got[i]) == 2 * steps + 1
+        for k, (peer, out) in enumerate(got[i][:-1]):
+            s, r = divmod(k, 2)
+            want = b"".join(data(peer, s, r) if j == peer else bytes(nbytes) for j in range(n))
+            assert out == want, (i, s, r)
+        assert got[i][-1][1] == b"".join(bytes(nbytes) if j == i else data(j, 99, 9) for j in range(n))
+    with pytest.raises(ValueError, match="no such peer"):
+        meshes[0].exchange(b"x", 1, [0])
+
+
 @pytest.mark.parametrize("spin_us", [0, 100_000])
 def test_a_step_mismatch_is_a_bad_frame(spin_us):
     meshes, socks = make_meshes(2, "gmac", spin_us)

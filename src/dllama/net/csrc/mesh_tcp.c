@@ -2,10 +2,10 @@
  * (engine/csrc/comm.h).
  *
  * Per exchange a node sends one frame to each of the peers the engine names (all of them, or one partner per round
- * of a butterfly; one sendmsg each: frame and tag) and receives one from each over non-blocking sockets (no deadlock on full socket buffers, no spinning, the GIL released by the
- * engine's caller): what has already arrived is read before any poll(), a peer's whole frame (header, payload,
- * tag) in one readv, so a peer that was ready costs one readv and no poll() at all (was: a poll() and a recv() for
- * each of header, payload and tag).
+ * of a butterfly; one sendmsg each: frame and tag) and receives one from each over non-blocking sockets (no
+ * deadlock on full socket buffers, no spinning, the GIL released by the engine's caller): what has already arrived
+ * is read before any poll(), a peer's whole frame (header, payload, tag) in one readv, so a peer that was ready costs
+ * one readv and no poll() at all (was: a poll() and a recv() for each of header, payload and tag).
  * Frame: the 4 bytes `prefix` (magic, type, flags of a partial-sum frame, handed over by dllama.net.protocol, which
  * owns the frame layout), u32 length (4 + payload), u32 sync step, payload. Payloads land straight in the engine's
  * receive buffer. A frame of one of the `explain` types (the peer's ERROR / ABORT) is read whole and returned as the
@@ -254,8 +254,8 @@ static int pull(tcp_mesh *m, int j, uint8_t *recv_buf, size_t len, uint32_t step
     return COMM_OK;
 }
 
-/* One exchange: our frame to every node in `peers` (one sendmsg each, frame and tag), then whatever has already arrived is
- * taken before any poll(); poll() only when a peer's frame is still missing (or a send did not complete). */
+/* One exchange: our frame to every node in `peers` (one sendmsg each, frame and tag), then whatever has already
+ * arrived is taken before any poll(); poll() only when a peer's frame is still missing (or a send did not complete). */
 static int tcp_exchange(comm *c, uint64_t peers, const uint8_t *send_buf, size_t len, uint32_t step,
                         uint8_t *recv_buf) {
     tcp_mesh *m = (tcp_mesh *)c;
