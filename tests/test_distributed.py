@@ -49,7 +49,7 @@ def test_default_model_f32_weights_exact_across_nodes(default_f32, workers, n):
 
 
 @pytest.mark.parametrize("n,weights", [(2, None), (3, None), (4, None), (3, [1, 2, 1]), (4, [3, 1, 1, 2]), (8, None),
-                                       (8, [2, 1, 1, 1, 1, 1, 1, 3])])  # 8: the butterfly sum (graph.c)
+                                       (8, [2, 1, 1, 1, 1, 1, 1, 3])])  # 4, 8: the butterfly sum
 def test_synthetic_8kv_exact_for_any_node_count_and_weighted_split(tiny8, workers, n, weights):
     m = GGUFModel(tiny8["f32"])
     ids = [5, 300, 17, 256, 99, 1000, 42, 7]
@@ -66,7 +66,7 @@ def test_synthetic_8kv_exact_for_any_node_count_and_weighted_split(tiny8, worker
         assert shares[weights.index(max(weights))][1] > shares[weights.index(min(weights))][1]
 
 
-@pytest.mark.parametrize("n", [4, 8])  # 8: the butterfly re-quantizes sums of partial sums (graph.c)
+@pytest.mark.parametrize("n", [4, 8])  # the butterfly re-quantizes sums of partial sums (graph.c)
 def test_synthetic_8kv_q4_q80_close(tiny8, workers, n):
     """q80 sync stays close to one node, and every node proves after every block that its residual stream is the
     root's bit for bit (check_residual): the butterfly's pairs must add in the same order on both sides."""

@@ -228,7 +228,7 @@ def test_keys_depend_on_the_encrypt_flag_and_both_nonces():
 
 
 def test_a_version_3_peer_gets_the_version_mismatch_error_both_ways():
-    """Version 4 changed the default tag (HMAC-SHA256 -> AES-256-GMAC), version 5 the sum at 8, 16, ... nodes: a
+    """Version 4 changed the default tag (HMAC-SHA256 -> AES-256-GMAC), version 5 the sum at 4, 8, ... nodes: a
     version-3 client is answered with a readable ERROR by the server, and a client talking to a version-3 server stops
     with one clear line."""
     assert M.VERSION == 5

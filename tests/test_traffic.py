@@ -122,13 +122,13 @@ def test_f32_logit_slices_are_exact_when_sampling(default_model, workers):
     assert best[k] == full[k] and int(np.argmax(best)) == k
 
 
-# 8 nodes sum their partial sums in a butterfly (graph.c): node i swaps with i^1, i^2, i^4 only. The synthetic 8-KV-head
+# 4, 8, ... nodes sum their partial sums in a butterfly (graph.c): at 8, node i swaps with i^1, i^2, i^4 only. The synthetic 8-KV-head
 # model (tiny-8kv, F32 weights): dim 256, L = 4 layers, vocabulary 1024 (128 rows per node), embedding rows F32.
 #   q80 partial row S = 256 / 32 * 34 = 272 B -> one frame (T=1) = 12 + 272 + 16 = 300 B; 2L frames = 8 * 300 = 2400
 #   FORWARD (T=1) = 8 + 16 + 4 * 256 + 16 = 1064 B;  LOGITS greedy = 32 B
 # Per greedy token: root -> partner (1, 2, 4) 1064 + 2400 = 3464, root -> other worker 1064;
 #   partner -> root 2400 + 32 = 2432, other worker -> root 32; worker <-> worker 2400 between partners, 0 otherwise
-#   (the all-to-all of 2..7 nodes would put 2400 on every one of the 56 directed links).
+#   (all-to-all, as 2, 3 and 5-7 nodes sum, would put 2400 on every one of the 56 directed links).
 def test_eight_nodes_swap_partial_sums_with_three_partners_only(tiny8, workers):
     ws = workers(7)
     me, wp = os.getpid(), [w.proc.pid for w in ws]

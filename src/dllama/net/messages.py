@@ -20,7 +20,7 @@ from dllama.model.weight_types import NATIVE
 from dllama.split.plan import NodeShare, SplitPlan
 
 VERSION = 5  # 3: HELLO carries flags (FLAG_ENCRYPT); 4: default frame tag AES-256-GMAC (was HMAC-SHA256);
-#             5: 8, 16, ... nodes sum their partial sums in a butterfly of pairwise swaps (was all-to-all)
+#             5: 4, 8, 16, ... nodes sum their partial sums in a butterfly of pairwise swaps (was all-to-all)
 MAGIC = b"DL"
 HEADER = struct.Struct("<2sBBI")  # magic, type, flags (0), payload length
 

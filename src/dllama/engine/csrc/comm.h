@@ -3,7 +3,7 @@
  *
  * `exchange` sends `len` bytes to every node in `peers` (bit j: node j) and fills recv + node * len with what each
  * of them sent (other slots left untouched). The engine decides who talks to whom (graph.c: everyone with everyone,
- * or a butterfly of pairwise swaps for 8, 16, ... nodes) and adds the partial sums in an order that keeps the residual
+ * or a butterfly of pairwise swaps for 4, 8, 16, ... nodes) and adds the partial sums in an order that keeps the residual
  * stream identical on every node. The engine knows nothing else about the transport: TCP
  * (dllama/net/csrc/mesh_tcp.c) is one implementation; a pipeline stage or a GPU collective would be another. A
  * failure returns non-zero and leaves the details in `fail`, which the Python binding turns into one exception. */

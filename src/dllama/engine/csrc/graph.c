@@ -480,9 +480,9 @@ static int peer_finite(engine *e, comm *cm, int node, size_t len, size_t n) {
     return 0;
 }
 
-/* Butterfly (recursive doubling) for 8, 16, ... nodes: in round r every node swaps its running sum with the node
- * whose index differs in bit r, so a node sends log2(N) frames per exchange instead of N - 1 (at 8 nodes 3 instead
- * of 7): each frame costs the sender's and the receiver's network stack ~16 us of CPU (perf,
+/* Butterfly (recursive doubling) for 4, 8, 16, ... nodes: in round r every node swaps its running sum with the node
+ * whose index differs in bit r, so a node sends log2(N) frames per exchange instead of N - 1 (2 instead of 3 at 4
+ * nodes, 3 instead of 7 at 8): each frame costs the sender's and the receiver's network stack ~16 us of CPU (perf,
  * bench_home_cluster.py), the compute nodes' own budget. The two sides of a swap add the lower node's values first (a
  * build that fuses sync_add's multiply-add into an FMA would otherwise round differently on the two sides), so both
  * hold the same sum, and after the last round every node holds the same total. From round 1 on a node sends a

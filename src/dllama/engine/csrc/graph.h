@@ -26,9 +26,9 @@ extern const char *const GLOBAL_SLOT_NAMES[N_GLOBAL_SLOTS];
 /* sync formats of the partial sums */
 enum { SYNC_Q80 = 0, SYNC_F32 = 1, SYNC_F16 = 2 };
 
-/* 8, 16, ... nodes add their partial sums in a butterfly of pairwise swaps (graph.c), fewer nodes all-to-all: at 4
- * nodes the butterfly's 2 rounds (2 waits) instead of 1 cost as much as the frame they save */
-#define BUTTERFLY_MIN_NODES 8
+/* 4, 8, 16, ... nodes add their partial sums in a butterfly of pairwise swaps (graph.c), 2 and 3 nodes (and 5-7)
+ * all-to-all: at 2 nodes the two are the same, and a butterfly needs a power of two */
+#define BUTTERFLY_MIN_NODES 4
 static inline int sync_in_pairs(int n_nodes) { return n_nodes >= BUTTERFLY_MIN_NODES && !(n_nodes & (n_nodes - 1)); }
 
 typedef struct {
