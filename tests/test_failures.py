@@ -65,6 +65,30 @@ def test_a_dead_worker_is_named_when_eight_nodes_sum_in_pairs(tiny8, workers):
     assert elapsed < 5
 
 
+@pytest.mark.parametrize("n", [4, 8])
+def test_a_stopped_worker_is_named_when_nodes_sum_in_pairs(tiny8, workers, n):
+    """SIGSTOP the last worker, which the root never swaps partial sums with (0 ^ (n-1) is no round's bit): its
+    partners wait for it in earlier rounds than the nodes behind them (comm.h: a later round waits longer), so the
+    one next to it gives up first, and its ABORT names it to the root within the step timeout (2 s here)."""
+    ws = workers(n - 1)
+    m = GGUFModel(tiny8["f32"])
+    with Root(m, nthreads=1, max_seq=64, workers=[w.address for w in ws], secret="test-secret", **QUIET) as r:
+        for pos in range(3):  # measured steps: the step timeout replaces the first steps' 60 s on every node
+            r.forward([5], pos)
+        ws[-1].proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(DllamaError) as err:
+                for pos in range(3, 40):
+                    r.forward([5], pos)
+            elapsed = time.monotonic() - t0
+        finally:
+            ws[-1].proc.send_signal(signal.SIGCONT)
+    print(f"{elapsed:.2f} s: {err.value}")
+    assert re.search(rf"no partial sum from worker {n - 1} \(.*\) within 2 s \(reported by worker", str(err.value))
+    assert elapsed < 5
+
+
 def test_nan_partial_sums_are_named_as_that_workers_failure(tiny8, workers, tmp_path):
     """NaN in weights only the worker holds (its feed-forward columns of layer 0): its partial sums carry NaN, and
     the root must blame it rather than print garbage."""

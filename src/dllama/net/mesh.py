@@ -47,10 +47,16 @@ def spin_us() -> int:
     return int(v)
 
 
+# After the first steps (DATA_TIMEOUT: pages of weights may still be coming in from disk) a peer is declared failed
+# after STEP_MARGIN x the measured time per token x T, at least MIN_STEP_TIMEOUT; every node measures its own steps,
+# so in a butterfly the node next to a stopped one gives up first (comm.h: later rounds wait longer)
+STEP_MARGIN, MIN_STEP_TIMEOUT = 20.0, 2.0
+
+
 class Mesh:
-    def __init__(self, index: int, links: dict[int, Conn], timeout: float, in_pairs: bool = False):
-        """in_pairs: the engine sums in a butterfly (engine.sync_in_pairs), so a late partner may be waiting itself."""
-        self.index, self.links, self.in_pairs = index, links, in_pairs
+    def __init__(self, index: int, links: dict[int, Conn], timeout: float):
+        self.index, self.links = index, links
+        self.per_token_s: float | None = None  # measured step time per token (moving average)
         n = len(links) + 1
         self.timeout = timeout
         fds = [links[j].fileno() if j != index else -1 for j in range(n)]
@@ -71,9 +77,8 @@ class Mesh:
         """The engine's CommError args (node, kind, errno, frame type, the peer's explanation) as one error."""
         node, kind, err, mtype, msg = args
         name = self.links[node].name if node in self.links else f"node {node}"
-        if kind == _mesh.TIMEOUT:
-            relay = " (it may be waiting in turn for another node's)" if self.in_pairs else ""
-            return NodeFailure(node, f"no partial sum from {name} within {self.timeout:.0f} s{relay}")
+        if kind == _mesh.TIMEOUT:  # err: the wait in ms (a butterfly's later rounds wait longer)
+            return NodeFailure(node, f"no partial sum from {name} within {(err / 1000 or self.timeout):.0f} s")
         if kind == _mesh.SOCKERR:
             return NodeFailure(node, f"{name}: connection lost ({os.strerror(err)})")
         if kind == _mesh.PEER_ERROR:
@@ -93,6 +98,15 @@ class Mesh:
         if kind == _mesh.BADFRAME:
             return NodeFailure(node, f"{name} sent a malformed or out-of-step partial sum")
         return NodeFailure(node, f"{name} disconnected")
+
+    def start_step(self, T: int) -> None:
+        """Before a forward pass of T tokens: the step timeout, once steps have been measured."""
+        if self.per_token_s is not None:
+            self.set_timeout(max(MIN_STEP_TIMEOUT, STEP_MARGIN * self.per_token_s * T))
+
+    def end_step(self, seconds: float, T: int) -> None:
+        dt = seconds / T
+        self.per_token_s = dt if self.per_token_s is None else 0.8 * self.per_token_s + 0.2 * dt
 
     def set_timeout(self, seconds: float) -> None:
         """The longest wait for a peer's partial sum (the step timeout), and for the links' other messages."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import time
 
 import numpy as np
 
@@ -131,7 +132,7 @@ class WorkerSession:
         engine = Engine(plan.cfg, share, max_seq=s.max_seq, max_batch=s.max_batch, nthreads=self.server.nthreads,
                         sync=s.sync, check_residual=s.check_residual, kv_dir=kv_dir, kv_type=s.kv_type)  # fmt: skip
         self._load(engine, s)
-        self.mesh = Mesh(s.index, self._mesh(s), DATA_TIMEOUT, in_pairs=sync_in_pairs(plan.n_nodes))
+        self.mesh = Mesh(s.index, self._mesh(s), DATA_TIMEOUT)
         engine.set_comm(self.mesh)
         P.send(root, M.Ready(engine.weight_bytes, hashlib.sha256(raw).digest()))
         self.log(f"session: node {s.index} of {plan.n_nodes}: {share.n_heads} q heads, {share.n_kv_heads} kv heads, "
@@ -149,6 +150,8 @@ class WorkerSession:
             if isinstance(msg, M.Stop):
                 self.log("session: root said stop")
                 return
+            t0 = time.perf_counter()
+            self.mesh.start_step(msg.T)  # the same step timeout as the root's, from this node's own steps
             embed_rows(msg.rows, msg.emb_type, dim, engine.x)
             try:
                 engine.forward(msg.pos, msg.T)
@@ -168,6 +171,7 @@ class WorkerSession:
                 P.send(self.root, M.Residual(engine.residual_hashes()))
             if msg.logits != M.LOGITS_NONE:
                 self._send_logits(engine, s, msg.T, msg.logits)
+            self.mesh.end_step(time.perf_counter() - t0, msg.T)
 
     def _next(self, s: M.Setup) -> M.Message:
         mtype, length = P.recv_header(self.root, (M.FORWARD, M.STOP))

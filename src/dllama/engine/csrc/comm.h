@@ -23,7 +23,7 @@ enum { COMM_OK = 0, COMM_TIMEOUT = 1, COMM_CLOSED = 2, COMM_BADFRAME = 3, COMM_S
 typedef struct {
     int node;     /* index of the node whose link failed, -1 if unknown */
     int kind;     /* COMM_* */
-    int err;      /* errno for COMM_SOCKERR */
+    int err;      /* errno for COMM_SOCKERR; the wait in ms for COMM_TIMEOUT */
     int msg_type; /* COMM_PEER_ERROR: the frame type the peer sent instead (its explanation) */
     size_t msg_len;
     uint8_t msg[COMM_MSG_MAX];
@@ -32,7 +32,11 @@ typedef struct {
 typedef struct comm comm;
 struct comm {
     int n_nodes, self;
-    int (*exchange)(comm *c, uint64_t peers, const uint8_t *send, size_t len, uint32_t step, uint8_t *recv);
+    /* round: 0, or a butterfly's round r, which may wait for a chain of earlier rounds (a partner waiting for its
+     * own partner, ...): it waits (1 + r) x the timeout, so the node next to a stopped one gives up first and its
+     * ABORT, sent to every peer, names the stopped node to the nodes waiting behind it */
+    int (*exchange)(comm *c, uint64_t peers, int round, const uint8_t *send, size_t len, uint32_t step,
+                    uint8_t *recv);
     comm_failure fail;
     double wait_s;               /* seconds blocked in exchange */
     uint64_t sent, received;     /* bytes as returned by the socket calls */

@@ -489,10 +489,10 @@ static int peer_finite(engine *e, comm *cm, int node, size_t len, size_t n) {
  * sum of partial sums, re-encoded (for q80: quantized once more, one rounding more than the all-to-all). */
 static int butterfly_sum(engine *e, size_t n, size_t len, uint32_t step, comm *cm) {
     const float *src = e->out;
-    for (int bit = 1; bit < cm->n_nodes; bit <<= 1) {
+    for (int bit = 1, round = 0; bit < cm->n_nodes; bit <<= 1, round++) {
         const int peer = cm->self ^ bit;
         sync_encode(e, src, e->sbuf, n); /* src may be acc: encoded before acc is cleared below */
-        const int rc = cm->exchange(cm, 1ULL << peer, e->sbuf, len, step, e->rbuf);
+        const int rc = cm->exchange(cm, 1ULL << peer, round, e->sbuf, len, step, e->rbuf);
         if (rc != COMM_OK) return rc;
         if (!peer_finite(e, cm, peer, len, n)) return COMM_NONFINITE;
         const uint8_t *theirs = e->rbuf + (size_t)peer * len;
@@ -530,7 +530,7 @@ static int allreduce_sum(engine *e, int T, uint32_t step, comm *cm) {
         if (rc != COMM_OK) return rc;
     } else { /* all-to-all: every node adds the same quantized values in node order, its own included */
         sync_encode(e, e->out, e->sbuf, n);
-        const int rc = cm->exchange(cm, COMM_ALL_PEERS(cm), e->sbuf, len, step, e->rbuf);
+        const int rc = cm->exchange(cm, COMM_ALL_PEERS(cm), 0, e->sbuf, len, step, e->rbuf);
         if (rc != COMM_OK) return rc;
         for (int node = 0; node < cm->n_nodes; node++)
             if (node != cm->self && !peer_finite(e, cm, node, len, n)) return COMM_NONFINITE;

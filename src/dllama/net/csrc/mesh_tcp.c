@@ -256,10 +256,12 @@ static int pull(tcp_mesh *m, int j, uint8_t *recv_buf, size_t len, uint32_t step
 
 /* One exchange: our frame to every node in `peers` (one sendmsg each, frame and tag), then whatever has already
  * arrived is taken before any poll(); poll() only when a peer's frame is still missing (or a send did not complete). */
-static int tcp_exchange(comm *c, uint64_t peers, const uint8_t *send_buf, size_t len, uint32_t step,
+static int tcp_exchange(comm *c, uint64_t peers, int round, const uint8_t *send_buf, size_t len, uint32_t step,
                         uint8_t *recv_buf) {
     tcp_mesh *m = (tcp_mesh *)c;
     const int N = c->n_nodes;
+    /* 64 nodes: rounds 0..5; the wait stays below INT_MAX (a timeout of at most 1 day, x 7) */
+    const int wait_ms = m->timeout_ms * (1 + (round > 0 && round <= 6 ? round : 0));
     const size_t total = HEAD + len;
     memset(&c->fail, 0, sizeof c->fail);
     c->fail.node = -1;
@@ -342,7 +344,7 @@ static int tcp_exchange(comm *c, uint64_t peers, const uint8_t *send_buf, size_t
             map[np++] = j;
         }
         if (!np) break;
-        const int r = poll(pfd, (nfds_t)np, m->timeout_ms);
+        const int r = poll(pfd, (nfds_t)np, wait_ms);
         if (r < 0) {
             if (errno == EINTR) continue;
             return fail(m, map[0], COMM_SOCKERR, errno);
@@ -351,7 +353,7 @@ static int tcp_exchange(comm *c, uint64_t peers, const uint8_t *send_buf, size_t
             int who = map[0];
             for (int i = 0; i < np; i++)
                 if (got[map[i]] < tot[map[i]]) { who = map[i]; break; }
-            return fail(m, who, COMM_TIMEOUT, 0);
+            return fail(m, who, COMM_TIMEOUT, wait_ms);
         }
         for (int i = 0; i < np; i++) {
             const int j = map[i];
@@ -552,7 +554,7 @@ static PyObject *TcpMesh_exchange(TcpMesh *self, PyObject *args) {
     uint8_t *rb = (uint8_t *)PyBytes_AS_STRING(out);
     memset(rb, 0, len * (size_t)m->base.n_nodes);
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = tcp_exchange(&m->base, peers, (const uint8_t *)b.buf, len, step, rb);
+    Py_BEGIN_ALLOW_THREADS rc = tcp_exchange(&m->base, peers, 0, (const uint8_t *)b.buf, len, step, rb);
     Py_END_ALLOW_THREADS PyBuffer_Release(&b);
     if (rc != COMM_OK) {
         Py_DECREF(out);

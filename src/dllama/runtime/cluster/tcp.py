@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dllama.engine.engine import CommError, Engine, slot_of, sync_in_pairs
+from dllama.engine.engine import CommError, Engine, slot_of
 from dllama.errors import DllamaError
 from dllama.kv_cache import DEFAULT_KV_TYPE
 from dllama.model.gguf_model import GGUFModel
@@ -25,10 +25,8 @@ from dllama.net.conn import Conn
 from dllama.net.mesh import Counters, Mesh, NodeFailure
 from dllama.split.plan import SplitPlan
 
-DATA_TIMEOUT = 60.0  # the first steps (pages of weights still coming in from disk)
+DATA_TIMEOUT = 60.0  # the first steps (pages of weights still coming in from disk); later ones: Mesh.start_step
 READY_TIMEOUT = 600.0  # loading a big slice from disk can take a while
-# later steps: a peer is declared failed after STEP_MARGIN x the measured time per token x T, at least MIN_STEP_TIMEOUT
-STEP_MARGIN, MIN_STEP_TIMEOUT = 20.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,6 @@ class TcpCluster:
         self.wait_s = 0.0  # blocked outside the C mesh: sending FORWARD, waiting for the workers' logits
         self.full_logits = np.empty(plan.cfg.vocab_size, dtype=np.float32)  # [vocab]
         self.check_residual = False
-        self.per_token_s: float | None = None  # measured step time per token (moving average)
         self.lock = threading.Lock()  # held during a step: probe() must not read the links meanwhile
         engine.set_comm(mesh)
 
@@ -75,8 +72,7 @@ class TcpCluster:
             if settings.encrypt:
                 log("every link encrypted (AES-256-GCM, keys derived from the cluster secret per connection)")
             _setup(conns, hashes, plan, model, settings, log)
-            mesh = Mesh(0, dict(enumerate(conns, 1)), DATA_TIMEOUT, in_pairs=sync_in_pairs(plan.n_nodes))
-            cluster = cls(conns, plan, engine, mesh)
+            cluster = cls(conns, plan, engine, Mesh(0, dict(enumerate(conns, 1)), DATA_TIMEOUT))
             cluster.check_residual = settings.check_residual
             return cluster
         except BaseException:
@@ -91,8 +87,7 @@ class TcpCluster:
         with self.lock:
             try:
                 t0 = time.perf_counter()
-                if self.per_token_s is not None:
-                    self.mesh.set_timeout(max(MIN_STEP_TIMEOUT, STEP_MARGIN * self.per_token_s * T))
+                self.mesh.start_step(T)
                 msg = M.Forward(pos, T, emb_type, want, rows)
                 for c in self.conns:
                     P.send(c, msg)
@@ -108,8 +103,7 @@ class TcpCluster:
                 self.broken = str(err)
                 self._drop()  # the other workers see the root go and free themselves at once
                 raise DllamaError(f"worker failure: {err}") from None
-            dt = (time.perf_counter() - t0) / T
-            self.per_token_s = dt if self.per_token_s is None else 0.8 * self.per_token_s + 0.2 * dt
+            self.mesh.end_step(time.perf_counter() - t0, T)
             return out
 
     def _compare_residuals(self) -> None:
