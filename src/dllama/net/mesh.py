@@ -86,10 +86,10 @@ class Mesh:
                 msg = self.links[node].verify_read_frame(mtype, bytes(msg), self.tcp.overread(node))
                 if msg is None:
                     return NodeFailure(node, f"{name} sent an error message that failed its integrity check")
-            culprit = M.aborted_node(mtype, msg)
-            if culprit is not None and culprit != self.index and culprit in self.links:  # blame the node that failed
-                reason = M.Abort.decode(msg).reason
-                return NodeFailure(culprit, reason if "(reported by " in reason else f"{reason} (reported by {name})")
+            abort = M.as_abort(mtype, msg)
+            if abort and abort.failed_node != self.index and abort.failed_node in self.links:  # blame who failed
+                why = abort.reason if "(reported by " in abort.reason else f"{abort.reason} (reported by {name})"
+                return NodeFailure(abort.failed_node, why)
             return NodeFailure(node, f"{name}: {M.explanation(mtype, msg)}")
         if kind == _mesh.NONFINITE:
             return NodeFailure(node, f"{name} sent a partial sum with NaN or infinite values")

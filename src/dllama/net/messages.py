@@ -149,10 +149,10 @@ class Abort(Message):
         return cls(struct.unpack_from("<H", payload)[0], printable(payload[2:].decode("utf-8", "replace")))
 
 
-def aborted_node(mtype: int, payload: bytes) -> int | None:
-    """The node an ABORT frame says failed (None for ERROR or a malformed ABORT)."""
+def as_abort(mtype: int, payload: bytes) -> Abort | None:
+    """An ABORT frame's content (None for ERROR or a malformed ABORT)."""
     try:
-        return Abort.decode(payload).failed_node if mtype == ABORT else None
+        return Abort.decode(payload) if mtype == ABORT else None
     except ProtocolError:
         return None
 
