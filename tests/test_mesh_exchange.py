@@ -37,25 +37,17 @@ def make_meshes(n: int, mode: str, spin_us: int = 0):
     return meshes, list(socks.values())
 
 
-@pytest.mark.parametrize("spin_us", [0, 50, 100_000])  # never spin, the default, spin through the late node's sleep
-@pytest.mark.parametrize("mode", ["none", "gmac", "aes-gcm"])
-@pytest.mark.parametrize("n,nbytes,steps", [(2, 612, 200), (4, 2176, 100), (3, 3 << 20, 4)])
-def test_every_node_gets_every_other_nodes_bytes(mode, n, nbytes, steps, spin_us):
-    meshes, socks = make_meshes(n, mode, spin_us)
-    sent = [[os.urandom(nbytes) for _ in range(steps)] for _ in range(n)]
-    got: list[list[bytes]] = [[] for _ in range(n)]
+def run_nodes(n: int, node, socks) -> None:
+    """node(i) in a thread per node; the sockets closed afterwards; any node's exception fails the test."""
     errors: list[BaseException] = []
 
-    def node(i: int) -> None:
+    def run(i: int) -> None:
         try:
-            for s in range(steps):
-                if i == n - 1 and s % 3 == 0:
-                    time.sleep(0.002)  # a late node: the others wait in poll(), its frames arrive after theirs
-                got[i].append(meshes[i].exchange(sent[i][s], 1000 + s))
+            node(i)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=node, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -63,6 +55,23 @@ def test_every_node_gets_every_other_nodes_bytes(mode, n, nbytes, steps, spin_us
     for s in socks:
         s.close()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("spin_us", [0, 50, 100_000])  # never spin, the default, spin through the late node's sleep
+@pytest.mark.parametrize("mode", ["none", "gmac", "aes-gcm"])
+@pytest.mark.parametrize("n,nbytes,steps", [(2, 612, 200), (4, 2176, 100), (3, 3 << 20, 4)])
+def test_every_node_gets_every_other_nodes_bytes(mode, n, nbytes, steps, spin_us):
+    meshes, socks = make_meshes(n, mode, spin_us)
+    sent = [[os.urandom(nbytes) for _ in range(steps)] for _ in range(n)]
+    got: list[list[bytes]] = [[] for _ in range(n)]
+
+    def node(i: int) -> None:
+        for s in range(steps):
+            if i == n - 1 and s % 3 == 0:
+                time.sleep(0.002)  # a late node: the others wait in poll(), its frames arrive after theirs
+            got[i].append(meshes[i].exchange(sent[i][s], 1000 + s))
+
+    run_nodes(n, node, socks)
     for i in range(n):
         assert len(got[i]) == steps
         for s in range(steps):
@@ -72,36 +81,25 @@ def test_every_node_gets_every_other_nodes_bytes(mode, n, nbytes, steps, spin_us
 
 @pytest.mark.parametrize("mode", ["none", "gmac", "aes-gcm"])
 def test_pairwise_swaps_touch_only_the_named_peers(mode):
-    """The butterfly's rounds (engine graph.c at 8+ nodes; here 4 nodes): each exchange names one partner, gets its
+    """The butterfly's rounds (engine graph.c at 4, 8, ... nodes; here 4): each exchange names one partner, gets its
     bytes and nothing from the others, and the links' sequence numbers stay in step for a full exchange afterwards
     (every link carries frames only in the rounds that use it)."""
     n, nbytes, steps = 4, 2176, 30
     meshes, socks = make_meshes(n, mode)
     got: list[list[tuple[int, bytes]]] = [[] for _ in range(n)]
-    errors: list[BaseException] = []
 
     def data(i: int, s: int, r: int) -> bytes:
         return bytes([i, s, r]) * (nbytes // 3) + bytes(nbytes % 3)
 
     def node(i: int) -> None:
-        try:
-            for s in range(steps):
-                for r, bit in enumerate((1, 2)):
-                    if i == 3 and s % 4 == 0:
-                        time.sleep(0.002)  # a late partner
-                    got[i].append((i ^ bit, meshes[i].exchange(data(i, s, r), 500 + s, [i ^ bit])))
-            got[i].append((-1, meshes[i].exchange(data(i, 99, 9), 9999)))  # all peers again
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for s in range(steps):
+            for r, bit in enumerate((1, 2)):
+                if i == 3 and s % 4 == 0:
+                    time.sleep(0.002)  # a late partner
+                got[i].append((i ^ bit, meshes[i].exchange(data(i, s, r), 500 + s, [i ^ bit])))
+        got[i].append((-1, meshes[i].exchange(data(i, 99, 9), 9999)))  # all peers again
 
-    threads = [threading.Thread(target=node, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    for s in socks:
-        s.close()
-    assert not errors, errors
+    run_nodes(n, node, socks)
     for i in range(n):
         assert len(got[i]) == 2 * steps + 1
         for k, (peer, out) in enumerate(got[i][:-1]):
